@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Builds wa-session in release mode and measures its resident memory and start-to-ready time.
+# Figures go to BENCHMARKS.md ("Session pod") together with this command.
+#
+#   bench/session-pod/run.sh [bench.py options, e.g. --sends 10000 --starts 30]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release --locked -p wa-session >&2
+exec python3 bench/session-pod/bench.py --bin "$CARGO_TARGET_DIR/release/wa-session" "$@"
