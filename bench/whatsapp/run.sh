@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Builds wa-session and wa-emulator in release mode and measures the whatsapp engine's
+# resident memory: fresh store without network, connected and idle, and after 1,000 sends,
+# against the WhatsApp protocol emulator. Figures go to BENCHMARKS.md ("whatsapp engine")
+# together with this command.
+#
+#   bench/whatsapp/run.sh [bench.py options, e.g. --sends 1000 --settle 10]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+cargo build --release --locked -p wa-session -p wa-emulator >&2
+exec python3 bench/whatsapp/bench.py \
+  --bin "$CARGO_TARGET_DIR/release/wa-session" \
+  --emulator "$CARGO_TARGET_DIR/release/wa-emulator" "$@"
