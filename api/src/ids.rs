@@ -167,9 +167,16 @@ impl FromStr for Jid {
         };
         let (user, device) = match user_part.split_once(':') {
             Some((user, device)) => {
+                // Digits only, as WhatsApp writes them: `u16::from_str` alone would also take
+                // "+3" and "003", which then print differently from what was given.
+                let canonical = !device.is_empty()
+                    && device.bytes().all(|b| b.is_ascii_digit())
+                    && (device == "0" || !device.starts_with('0'));
                 let device = device
                     .parse::<u16>()
-                    .map_err(|_| err("device must be a number"))?;
+                    .ok()
+                    .filter(|_| canonical)
+                    .ok_or_else(|| err("device must be a number from 0 to 65535, without leading zeros"))?;
                 (user, Some(device))
             }
             None => (user_part, None),
@@ -351,7 +358,8 @@ mod tests {
         check::<Jid>("123456789@lid", Some("123456789@lid"));
         for bad in [
             "15551234567", "@s.whatsapp.net", "abc@s.whatsapp.net", "1@example.com",
-            "1:x@s.whatsapp.net", "1:3@g.us", "1@@s.whatsapp.net", "+1555@s.whatsapp.net",
+            "1:x@s.whatsapp.net", "1:3@g.us", "1:+3@s.whatsapp.net", "1:03@s.whatsapp.net",
+            "1:65536@s.whatsapp.net", "1:@s.whatsapp.net", "1@@s.whatsapp.net", "+1555@s.whatsapp.net",
             &format!("{}@s.whatsapp.net", "1".repeat(33)),
         ] {
             check::<Jid>(bad, None);
