@@ -253,6 +253,11 @@ impl ClaimGuard {
         self.in_engine = true;
     }
 
+    /// The key this guard holds.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// The engine refused the send before anything left: the key may be used again.
     pub fn release(mut self) {
         self.in_engine = false;

@@ -58,6 +58,11 @@ impl TestDb {
         }
     }
 
+    /// A database the test owns elsewhere (a private PostgreSQL cluster): not dropped here.
+    pub fn at(kind: DbKind, url: String) -> TestDb {
+        TestDb { kind, url, pg: None }
+    }
+
     /// Opens the store (for tests that read the database directly).
     pub async fn store(&self) -> wa_gateway::store::Store {
         wa_gateway::store::Store::connect(&self.url).await.unwrap()
@@ -165,12 +170,13 @@ impl Gateway {
     /// Starts a gateway on a free port and waits until it is ready.
     pub fn start(data_dir: &Path, db: &TestDb, opts: &Options) -> Gateway {
         let mut cmd = Command::new(BIN);
-        cmd.arg("local")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .args(&opts.args)
+        cmd.arg("local").arg("--data-dir").arg(data_dir);
+        // A free port unless the test names one (to restart a gateway where clients and pods
+        // expect it).
+        if !opts.args.iter().any(|a| a == "--listen") {
+            cmd.arg("--listen").arg("127.0.0.1:0");
+        }
+        cmd.args(&opts.args)
             .env("DATABASE_URL", &db.url)
             .env("WA_GATEWAY_LOG", "info,wa_gateway=debug")
             .env_remove("WA_SESSION_BIN")
@@ -402,6 +408,11 @@ pub struct Sink {
 
 impl Sink {
     pub async fn start(status: u16) -> Sink {
+        Sink::start_on("127.0.0.1:0", status).await
+    }
+
+    /// A sink on a given address (a receiver that comes back where its webhook points).
+    pub async fn start_on(addr: &str, status: u16) -> Sink {
         let received: Arc<Mutex<Vec<Received>>> = Arc::default();
         let status = Arc::new(Mutex::new(status));
         let state = (received.clone(), status.clone());
@@ -414,7 +425,7 @@ impl Sink {
                 }),
             )
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let url = format!("http://{}/hook", listener.local_addr().unwrap());
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;

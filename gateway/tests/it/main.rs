@@ -6,6 +6,7 @@ mod common;
 
 mod compat;
 mod errors;
+mod faults;
 mod inprocess;
 mod keys;
 mod kube;

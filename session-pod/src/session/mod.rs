@@ -516,6 +516,10 @@ impl Session {
             let result = self.engine.send(&job.msg).instrument(span.clone()).await;
             match result {
                 Ok(sent) => {
+                    // The record of what the engine sent, written before anything else can
+                    // be cut off (no await until here): fault tests count sends from it.
+                    let key = guard.as_ref().map_or("", |g| g.key());
+                    tracing::debug!(parent: &span, id = %sent.id, key = %key, "sent");
                     Metrics::inc(&self.metrics.messages_sent);
                     let receipt = lock(&self.core).record_sent(kind, &sent, Utc::now());
                     let response = SendResponse {
@@ -528,7 +532,6 @@ impl Session {
                         let outcome = Outcome::Sent(response.clone());
                         let _ = tokio::task::spawn_blocking(move || g.finish(outcome)).await;
                     }
-                    tracing::debug!(parent: &span, id = %sent.id, "sent");
                     let _ = job.reply.send(Ok(response));
                     // Through the event loop, so a burst of sends shares one outbox sync.
                     self.inject(EngineEvent::Receipt(receipt));
