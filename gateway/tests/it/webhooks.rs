@@ -124,6 +124,112 @@ async fn webhooks(kind: DbKind) {
     assert_eq!(status, 404);
 }
 
+/// Sets a flag's value in the options (the gateway refuses a flag given twice).
+fn set_flag(opts: &mut Options, flag: &str, value: &str) {
+    match opts.args.iter().position(|a| a == flag) {
+        Some(i) => opts.args[i + 1] = value.to_owned(),
+        None => opts.args.extend([flag.to_owned(), value.to_owned()]),
+    }
+}
+
+// A receiver that is down (nothing listens on its port) for a while: every delivery is
+// retried, and once it is back each event arrives exactly once. Another receiver never comes
+// back: after the last attempt its deliveries are dead-lettered and visible in the log and
+// the metrics.
+both!(webhook_receiver_down_then_back, receiver_down);
+async fn receiver_down(kind: DbKind) {
+    const EVENTS: usize = 10;
+    const ATTEMPTS: u64 = 6;
+    let mut opts = Options::default();
+    set_flag(&mut opts, "--webhook-max-attempts", &ATTEMPTS.to_string());
+    set_flag(&mut opts, "--webhook-backoff-ms", "100");
+    let (_dir, _db, gw) = setup(kind, &opts);
+    gw.connected_session("wd", json!({})).await;
+    // Two ports where nothing listens (yet).
+    let (flaky_port, gone_port) = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (a.local_addr().unwrap().port(), b.local_addr().unwrap().port())
+    };
+    let mut hooks = Vec::new();
+    for port in [flaky_port, gone_port] {
+        let (status, hook) = gw
+            .call(Method::POST, "/v1/sessions/wd/webhooks", Some(json!({"url": format!("http://127.0.0.1:{port}/hook"), "events": ["message"]})))
+            .await;
+        assert_eq!(status, 201, "{hook}");
+        hooks.push(hook["id"].as_str().unwrap().to_owned());
+    }
+    let (flaky, gone) = (&hooks[0], &hooks[1]);
+    let started = std::time::Instant::now();
+    for i in 0..EVENTS {
+        let (status, _) = gw.call(Method::POST, "/v1/sessions/wd/sandbox/inbound", Some(json!({"from": "+15550004444", "text": format!("down {i}")}))).await;
+        assert_eq!(status, 200);
+    }
+    let log_of = |hook: String| {
+        let gw = &gw;
+        async move {
+            let (status, l) = gw.call(Method::GET, &format!("/v1/sessions/wd/webhooks/{hook}/deliveries?limit=200"), None).await;
+            assert_eq!(status, 200, "{l}");
+            l["items"].as_array().unwrap().clone()
+        }
+    };
+    // The receiver stays down until every delivery failed three times.
+    for _ in 0..300 {
+        let items = log_of(flaky.clone()).await;
+        if items.len() == EVENTS && items.iter().all(|d| d["attempts"].as_u64() >= Some(3)) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let items = log_of(flaky.clone()).await;
+    assert!(items.len() == EVENTS && items.iter().all(|d| d["attempts"].as_u64() >= Some(3) && d["status"] == "pending"), "{items:?}");
+    assert!(items.iter().all(|d| d["lastError"].as_str().is_some_and(|e| e.contains("connection refused"))), "{items:?}");
+    let sink = Sink::start_on(&format!("127.0.0.1:{flaky_port}"), 200).await;
+    let back = std::time::Instant::now();
+    sink.wait_for(EVENTS).await;
+    let delivered_after = back.elapsed();
+    // Every delivery is marked delivered, and no event arrives twice.
+    for _ in 0..300 {
+        if log_of(flaky.clone()).await.iter().all(|d| d["status"] == "delivered") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let items = log_of(flaky.clone()).await;
+    assert!(items.iter().all(|d| d["status"] == "delivered" && d["attempts"].as_u64() < Some(ATTEMPTS + 1)), "{items:?}");
+    let max_attempts = items.iter().filter_map(|d| d["attempts"].as_u64()).max().unwrap();
+
+    // The receiver that never comes back: dead after the last attempt, with the reason.
+    let mut dead = Vec::new();
+    for _ in 0..400 {
+        dead = log_of(gone.clone()).await;
+        if dead.len() == EVENTS && dead.iter().all(|d| d["status"] == "dead") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(dead.len() == EVENTS && dead.iter().all(|d| d["status"] == "dead"), "{dead:?}");
+    for d in &dead {
+        assert_eq!(d["attempts"].as_u64(), Some(ATTEMPTS), "{d}");
+        assert!(d["lastError"].as_str().is_some_and(|e| e.contains("connection refused") && e.contains("after 6 attempts")), "{d}");
+    }
+    let dead_after = started.elapsed();
+    // Nothing more arrives at the receiver that came back (waited for longer than the last
+    // retry delay).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = sink.all();
+    let mut ids: Vec<String> = got.iter().map(|r| r.headers["x-wa-event-id"].to_str().unwrap().to_owned()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((got.len(), ids.len()), (EVENTS, EVENTS), "each event exactly once");
+    let expected: std::collections::BTreeSet<String> = items.iter().map(|d| d["eventId"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids.into_iter().collect::<std::collections::BTreeSet<_>>(), expected);
+    assert!(gw.metric("wa_gateway_webhook_deliveries_total{result=\"dead\"}").await.unwrap() >= EVENTS as f64);
+    println!(
+        "FIGURES webhook_receiver_down_then_back/{kind:?}: {EVENTS} events to 2 receivers; the one back after 3 failed attempts got all {EVENTS} exactly once {delivered_after:?} after it returned (at most {max_attempts} attempts); the one never back: {EVENTS} dead after {ATTEMPTS} attempts, {dead_after:?} after the events"
+    );
+}
+
 fn parse_signature(h: &str) -> (String, String) {
     let mut t = String::new();
     let mut v1 = String::new();
