@@ -56,7 +56,8 @@ pub fn verify(secret: &str, header: &str, body: &[u8], now_secs: i64, tolerance_
         }
     }
     let Some(ts) = ts else { return false };
-    if (now_secs - ts).abs() > tolerance_secs {
+    // `abs_diff`: a timestamp near i64::MIN or MAX must not overflow the subtraction.
+    if now_secs.abs_diff(ts) > u64::try_from(tolerance_secs).unwrap_or(0) {
         return false;
     }
     let expected = mac(secret, ts, body);

@@ -30,5 +30,8 @@ pub mod store;
 pub mod util;
 pub mod web;
 
+#[cfg(test)]
+mod parsers_proptest;
+
 pub use http::app;
 pub use state::{AppState, Gateway, Settings};

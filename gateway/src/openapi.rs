@@ -367,7 +367,7 @@ pub const PHONE_PATTERN: &str = wa_api::PhoneNumber::PATTERN;
 /// A recipient (`wa_api::Recipient`): an E.164 number or a JID, as the parser takes them.
 pub const RECIPIENT_PATTERN: &str = concat!(
     r"^(\+[1-9][0-9]{6,14}",
-    r"|[0-9]{1,32}(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?@(s\.whatsapp\.net|c\.us|lid)",
+    r"|[0-9]{1,32}(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0))?@(s\.whatsapp\.net|c\.us|lid)",
     r"|[-0-9]{1,32}@g\.us",
     r"|(status|[0-9]{1,32})@broadcast",
     r"|[0-9]{1,32}@newsletter)$"
@@ -376,7 +376,7 @@ pub const RECIPIENT_PATTERN: &str = concat!(
 pub const COMPAT_RECIPIENT_PATTERN: &str = concat!(
     r"^([1-9][0-9]{6,14}",
     r"|\+[1-9][0-9]{6,14}",
-    r"|[0-9]{1,32}(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?@(s\.whatsapp\.net|c\.us|lid)",
+    r"|[0-9]{1,32}(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0))?@(s\.whatsapp\.net|c\.us|lid)",
     r"|[-0-9]{1,32}@g\.us",
     r"|(status|[0-9]{1,32})@broadcast",
     r"|[0-9]{1,32}@newsletter)$"
@@ -384,7 +384,7 @@ pub const COMPAT_RECIPIENT_PATTERN: &str = concat!(
 /// An http(s) webhook URL as `http::webhooks::validate_url` accepts it.
 pub const WEBHOOK_URL_PATTERN: &str = concat!(
     r"^https?://[A-Za-z0-9.-]+",
-    r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[0-9]{1,4}))?",
+    r"(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0))?",
     r"([/?#][^\u0000-\u0020\u007f]*)?$"
 );
 /// Cursors this API hands out (message and delivery ids).

@@ -71,7 +71,7 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
 }
 
 /// Fields: `to`, `type`, `text`, `caption`, `replyTo`, and the media as `file`.
-async fn read_multipart(mut mp: Multipart) -> ApiResult<SendRequest> {
+pub(crate) async fn read_multipart(mut mp: Multipart) -> ApiResult<SendRequest> {
     let mut req = SendRequest::default();
     let mut media: Option<MediaPayload> = None;
     while let Some(field) = mp.next_field().await.map_err(multipart_error)? {

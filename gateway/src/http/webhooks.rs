@@ -40,7 +40,11 @@ pub fn validate_url(url: &str) -> ApiResult<()> {
         return Err(bad("needs a host name (letters, digits, '.', '-'), without credentials"));
     }
     if let Some(p) = port {
-        let ok = !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u32>().is_ok_and(|n| n <= 65535);
+        let ok = !p.is_empty()
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && (p == "0" || !p.starts_with('0'))
+            && p.parse::<u32>().is_ok_and(|n| n <= 65535);
         if !ok {
             return Err(bad("has an invalid port"));
         }
