@@ -553,7 +553,9 @@ const OUTAGE_ANSWER_BOUND: Duration = Duration::from_secs(8);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_under_load() {
     const SESSIONS: [&str; 3] = ["r0", "r1", "r2"];
-    const OUTAGE: Duration = Duration::from_secs(4);
+    // Longer than the pool's acquire timeout (5 s), so the background workers meet errors,
+    // not only waits.
+    const OUTAGE: Duration = Duration::from_secs(8);
     let pg = PgCluster::start();
     let dir = tempfile::tempdir().unwrap();
     let db = TestDb::at(DbKind::Postgres, pg.url.clone());
