@@ -99,6 +99,10 @@ struct SessionMemory {
     lost: bool,
     /// A pod of this session existed since the operator started (so an absence is a loss).
     pod_seen: bool,
+    /// The status this operator last wrote. The session object a reconcile gets comes from
+    /// the watch cache and may not show that write yet; comparing with it alone could skip
+    /// a write that is needed (a phase that changed back while the cache lagged).
+    written: Option<WhatsAppSessionStatus>,
 }
 
 /// Why a pod is about to be created.
@@ -528,6 +532,24 @@ async fn apply(session: &WhatsAppSession, ctx: &Context) -> Result<Action, Error
         (PodState::Ready { .. }, Some(uid)) => ctx.status_watch.report(&key, uid),
         _ => None,
     };
+    // A ready pod the status watch has not heard from yet (the watch just started: an
+    // operator restart, a new pod of the same name): its first answer comes within moments
+    // and reconciles the session again. Writing now would show a Connected session as
+    // Starting for that moment, after every operator restart.
+    let unheard = matches!(state, PodState::Ready { .. })
+        && report
+            .as_ref()
+            .is_none_or(|r| r.status.is_none() && r.error.is_none());
+    if unheard
+        && notes.is_empty()
+        && session.status.as_ref().is_some_and(|s| {
+            s.pod_name.as_deref() == Some(pod_name.as_str())
+                && s.observed_generation == session.metadata.generation
+        })
+    {
+        debug!(pod = %pod_name, "waiting for the pod's first status report");
+        return Ok(Action::requeue(requeue));
+    }
     let note = (!notes.is_empty()).then(|| notes.join("; "));
     let status = session_status(
         session.status.as_ref(),
@@ -587,7 +609,9 @@ async fn write_status(
     if let Some(phase) = status.phase {
         ctx.metrics.set_phase(session_key(session), phase);
     }
-    if previous == Some(&status) {
+    let key = ObjectRef::from_obj(session);
+    let written = ctx.remember(&key, |m| m.written.clone());
+    if previous == Some(&status) && written.as_ref().is_none_or(|w| w == &status) {
         return Ok(());
     }
     let message = status.message.clone().unwrap_or_default();
@@ -649,6 +673,11 @@ async fn write_status(
         .await
         .doing(|| format!("patch status of {name}"))?;
     debug!(phase = ?status.phase, "status written");
+    // As the API server keeps it (times to the second), so it compares with later reads.
+    let kept = serde_json::to_value(&status)
+        .ok()
+        .and_then(|v| serde_json::from_value(v).ok());
+    ctx.remember(&key, |m| m.written = kept);
     Ok(())
 }
 

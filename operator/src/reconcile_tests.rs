@@ -880,6 +880,81 @@ async fn status_patch_carries_the_pod_report_and_observed_generation() {
     assert!(e.fake.event_reasons().contains(&"Connected".to_owned()));
 }
 
+/// Reconciles `s` (with `snapshot` when given, else the current object) after each trigger
+/// until its phase is `want`.
+async fn reconcile_until(e: &mut Env, want: Phase, snapshot: Option<&WhatsAppSession>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let _ = tokio::time::timeout(Duration::from_secs(2), e.trigger.next()).await;
+        let obj = snapshot.cloned().unwrap_or_else(|| e.session("s").unwrap());
+        reconcile(Arc::new(obj), e.ctx.clone()).await.unwrap();
+        if e.status("s").phase == Some(want) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "status never became {want:?}: {:?}", e.status("s"));
+    }
+}
+
+/// An operator restart finds a Connected session with its ready pod: the new operator's
+/// first reconcile has not heard from the pod yet and must not show the session as
+/// Starting meanwhile (a flap of every session on every restart), then follows the pod.
+#[tokio::test]
+async fn a_restarted_operator_keeps_the_phase_until_the_pod_reports() {
+    let (mut e, server) = with_ready_pod(json!({"engine": "sandbox"}), Duration::ZERO).await;
+    {
+        let mut st = lock(&server.status);
+        st["phase"] = json!("Connected");
+        st["account"] = json!({"jid": "15551234567@s.whatsapp.net"});
+    }
+    e.reconcile("s").await.unwrap();
+    reconcile_until(&mut e, Phase::Connected, None).await;
+
+    // The restart: a new context (no memory, no status watches) on the same objects.
+    let restarted = env_from(e.ctx.client.clone(), e.fake.clone(), server.addr.port());
+    let mut e = Env { trigger: restarted.trigger, ctx: restarted.ctx, fake: e.fake };
+    e.fake.clear_calls();
+    e.reconcile("s").await.unwrap();
+    assert_eq!(e.status("s").phase, Some(Phase::Connected), "regressed before the pod answered");
+    assert!(
+        !e.fake.calls().iter().any(|c| c.resource == "whatsappsessions/status"),
+        "a status was written without a report from the pod: {:?}",
+        e.fake.writes()
+    );
+    // The pod's first answer reconciles again; the status stays Connected, and moves on
+    // when the pod does.
+    reconcile_until(&mut e, Phase::Connected, None).await;
+    {
+        let mut st = lock(&server.status);
+        st["phase"] = json!("Reconnecting");
+        st["version"] = json!(2);
+    }
+    reconcile_until(&mut e, Phase::Reconnecting, None).await;
+}
+
+/// The session object a reconcile gets comes from the watch cache and can lag the
+/// operator's own status write. A phase that goes A → B → A while the cache still shows A
+/// must still be written back to A (comparing with the cache alone would skip it).
+#[tokio::test]
+async fn a_stale_cache_does_not_hide_a_needed_status_write() {
+    let (mut e, server) = with_ready_pod(json!({"engine": "sandbox"}), Duration::ZERO).await;
+    e.reconcile("s").await.unwrap();
+    reconcile_until(&mut e, Phase::AwaitingScan, None).await;
+    let stale = e.session("s").unwrap();
+    {
+        let mut st = lock(&server.status);
+        st["phase"] = json!("Reconnecting");
+        st["version"] = json!(2);
+    }
+    reconcile_until(&mut e, Phase::Reconnecting, None).await;
+    {
+        let mut st = lock(&server.status);
+        st["phase"] = json!("AwaitingScan");
+        st["version"] = json!(3);
+    }
+    // Every reconcile from here on sees the stale object (status AwaitingScan).
+    reconcile_until(&mut e, Phase::AwaitingScan, Some(&stale)).await;
+}
+
 #[tokio::test]
 async fn a_token_changed_by_hand_rolls_the_pod() {
     let (e, _server) = with_ready_pod(json!({}), Duration::ZERO).await;
