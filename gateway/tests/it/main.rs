@@ -11,5 +11,6 @@ mod inprocess;
 mod keys;
 mod kube;
 mod messages;
+mod security;
 mod sessions;
 mod webhooks;
