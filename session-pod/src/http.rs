@@ -53,28 +53,92 @@ pub struct AppState {
     pub body_limit: usize,
 }
 
+/// Who may call a route of the pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Health checks: the kubelet calls them without a token.
+    Public,
+    /// Everything else: `Authorization: Bearer <pod token>`.
+    Token,
+}
+
+/// One route of the pod's API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PodRoute {
+    pub method: &'static str,
+    /// As the router writes it (`{id}` for a path parameter).
+    pub path: &'static str,
+    pub access: Access,
+    /// Mounted only when the engine offers sandbox controls.
+    pub sandbox_only: bool,
+}
+
+const fn r(method: &'static str, path: &'static str, access: Access, sandbox_only: bool) -> PodRoute {
+    PodRoute { method, path, access, sandbox_only }
+}
+
+/// Every route of the pod. [`app`] refuses (in debug builds) to mount a route that is not
+/// listed here, and a test calls each listed route, so the list and the router cannot drift;
+/// security tests take it to check the token on every route.
+pub const ROUTES: &[PodRoute] = &[
+    r("GET", "/healthz", Access::Public, false),
+    r("GET", "/readyz", Access::Public, false),
+    r("GET", "/v1/status", Access::Token, false),
+    r("GET", "/v1/qr", Access::Token, false),
+    r("POST", "/v1/pair-code", Access::Token, false),
+    r("POST", "/v1/messages", Access::Token, false),
+    r("GET", "/v1/messages/{id}", Access::Token, false),
+    r("POST", "/v1/logout", Access::Token, false),
+    r("POST", "/v1/restart", Access::Token, false),
+    r("GET", "/metrics", Access::Token, false),
+    r("POST", "/v1/sandbox/scan", Access::Token, true),
+    r("POST", "/v1/sandbox/inbound", Access::Token, true),
+    r("POST", "/v1/sandbox/disconnect", Access::Token, true),
+];
+
+/// `router.route(path, …)` for a route of [`ROUTES`] with this access.
+fn listed<S: Clone + Send + Sync + 'static>(
+    router: Router<S>,
+    path: &'static str,
+    access: Access,
+    handler: axum::routing::MethodRouter<S>,
+) -> Router<S> {
+    debug_assert!(
+        ROUTES.iter().any(|r| r.path == path && r.access == access),
+        "{path} is not in http::ROUTES with {access:?}"
+    );
+    router.route(path, handler)
+}
+
 /// The router. Sandbox routes exist only when the engine offers sandbox controls.
 pub fn app(state: Arc<AppState>) -> Router {
-    let mut protected = Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/qr", get(qr))
-        .route("/v1/pair-code", post(pair_code))
-        .route("/v1/messages", post(send))
-        .route("/v1/messages/{id}", get(message))
-        .route("/v1/logout", post(logout))
-        .route("/v1/restart", post(restart))
-        .route("/metrics", get(metrics));
+    use Access::{Public, Token};
+    let mut protected = Router::new();
+    for (path, handler) in [
+        ("/v1/status", get(status)),
+        ("/v1/qr", get(qr)),
+        ("/v1/pair-code", post(pair_code)),
+        ("/v1/messages", post(send)),
+        ("/v1/messages/{id}", get(message)),
+        ("/v1/logout", post(logout)),
+        ("/v1/restart", post(restart)),
+        ("/metrics", get(metrics)),
+    ] {
+        protected = listed(protected, path, Token, handler);
+    }
     if state.session.engine().sandbox().is_some() {
-        protected = protected
-            .route("/v1/sandbox/scan", post(sandbox_scan))
-            .route("/v1/sandbox/inbound", post(sandbox_inbound))
-            .route("/v1/sandbox/disconnect", post(sandbox_disconnect));
+        for (path, handler) in [
+            ("/v1/sandbox/scan", post(sandbox_scan)),
+            ("/v1/sandbox/inbound", post(sandbox_inbound)),
+            ("/v1/sandbox/disconnect", post(sandbox_disconnect)),
+        ] {
+            protected = listed(protected, path, Token, handler);
+        }
     }
     let protected =
         protected.route_layer(middleware::from_fn_with_state(state.clone(), require_token));
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+    let public = listed(Router::new(), "/healthz", Public, get(healthz));
+    listed(public, "/readyz", Public, get(readyz))
         .merge(protected)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -485,7 +549,7 @@ fn body_error(status: StatusCode, text: &str, limit: usize) -> ApiError {
 
 /// A send as multipart form fields: `to`, `type`, `text`, `caption`, `replyTo`, `mimetype`,
 /// `filename`, and the media as a file part named `file` (or `media`).
-async fn multipart_send(
+pub(crate) async fn multipart_send(
     mut form: Multipart,
     media_max: usize,
     limit: usize,
