@@ -10,8 +10,10 @@ pub mod apiserver;
 pub mod census;
 pub mod cluster;
 pub mod kubectl;
+pub mod load;
 pub mod podrunner;
 pub mod process;
+pub mod soak;
 pub mod stack;
 
 pub use cluster::{ControlPlaneProcess, TestCluster, TestClusterConfig};
