@@ -173,10 +173,10 @@ impl KubeDirectory {
                 p.spec = None;
             })
             .reflect(pods_writer);
-        // Token Secrets are not selected by label (the operator's labels are not part of
-        // the contract); other Secrets are dropped before they reach the store, and only
-        // the token key is kept.
-        let secrets_stream = watcher(secrets_api, watcher::Config::default())
+        // Only the operator's Secrets (labelled with their session, like the pods): the
+        // other Secrets of the namespace never reach this process. Of those, only token
+        // Secrets are kept, and only their token key.
+        let secrets_stream = watcher(secrets_api, watcher::Config::default().labels(LABEL_SESSION))
             .default_backoff()
             .try_filter(|e| {
                 let keep = match e {

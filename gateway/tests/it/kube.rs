@@ -85,17 +85,21 @@ fn api_server(mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>
                     send.send_response(respond(StatusCode::OK, list("PodList", vec![pod("s1", "10.0.0.5", true), pod("s3", "10.0.0.6", false)])))
                 }
                 ("GET", "/api/v1/namespaces/wa/secrets") if watch => held.push(send),
-                ("GET", "/api/v1/namespaces/wa/secrets") => send.send_response(respond(
+                ("GET", "/api/v1/namespaces/wa/secrets") => {
+                    assert!(query.contains("labelSelector=wa-operator.dev%2Fsession"), "{query}");
+                    send.send_response(respond(
                     StatusCode::OK,
                     list(
                         "SecretList",
                         vec![
                             secret("wa-s1-token", json!({"token": b64("pod-token-s1")})),
                             secret("wa-s3-token", json!({"token": b64("pod-token-s3")})),
+                            // Labelled like the operator's, but not a token Secret.
                             secret("unrelated", json!({"password": b64("hunter2")})),
                         ],
                     ),
-                )),
+                ))
+                }
                 ("GET", "/api/v1/namespaces/wa/secrets/hook-secret") => {
                     send.send_response(respond(StatusCode::OK, secret("hook-secret", json!({"signing": b64("sign-me-please")}))))
                 }
