@@ -183,12 +183,21 @@ pub struct Stack {
     kubectl: Kubectl,
     /// Operator starts so far, so every replica start gets a log file of its own.
     starts: usize,
+    /// Held while the stack lives: one stack at a time per process.
+    _turn: tokio::sync::OwnedMutexGuard<()>,
 }
+
+/// Stacks of one test binary take turns. nextest runs each scenario in its own process (one
+/// at a time, `.config/nextest.toml`); `cargo test` runs them on threads of one process,
+/// where dozens of session processes per scenario at once would starve each other's
+/// deadlines on a small machine.
+static TURN: std::sync::LazyLock<std::sync::Arc<tokio::sync::Mutex<()>>> = std::sync::LazyLock::new(Default::default);
 
 impl Stack {
     /// Control plane (with the session CRD), gateway, then the operators — the order of a
     /// chart install: the operator's `--gateway-url` must answer.
     pub async fn start(config: StackConfig) -> anyhow::Result<Self> {
+        let turn = TURN.clone().lock_owned().await;
         progress("starting the control plane");
         let binaries = Binaries::from_workspace()?;
         let cluster_config = config.cluster.clone().binary("wa-session", &binaries.session);
@@ -209,6 +218,7 @@ impl Stack {
             config,
             kubectl,
             starts: 0,
+            _turn: turn,
         };
         for identity in stack.config.operators.clone() {
             progress(&format!("starting operator {identity}"));
