@@ -279,6 +279,14 @@ impl SendRequest {
                 return Err(Invalid::new(ErrorCode::ValidationFailed, "replyTo must be 1-128 characters"));
             }
         }
+        // Checked for every type, as the schema says: a text message does not use its caption,
+        // but an oversized one is still a bad request, not something to drop silently.
+        if self.caption.as_ref().is_some_and(|c| c.chars().count() > MAX_CAPTION_CHARS) {
+            return Err(Invalid::new(
+                ErrorCode::ValidationFailed,
+                format!("caption is longer than {MAX_CAPTION_CHARS} characters"),
+            ));
+        }
         let content = match kind {
             MessageKind::Text => {
                 if self.media.is_some() {
@@ -729,6 +737,11 @@ mod tests {
         check(json!({"to": "+15551234567", "type": "text", "text": "  "}), Err(EmptyText));
         check(json!({"to": "+15551234567", "type": "text"}), Err(EmptyText));
         check(json!({"to": "+15551234567", "type": "sticker", "text": "x"}), Err(ValidationFailed));
+        // The caption's limit holds on text messages too (found by the API fuzzer).
+        check(
+            json!({"to": "+15551234567", "type": "text", "text": "x", "caption": "c".repeat(MAX_CAPTION_CHARS + 1)}),
+            Err(ValidationFailed),
+        );
         check(json!({"to": "+15551234567", "type": "image", "media": {"data": png}}), Ok(MessageKind::Image));
         check(json!({"to": "+15551234567", "type": "image"}), Err(ValidationFailed));
         check(json!({"to": "+15551234567", "type": "image", "media": {"data": "!!"}}), Err(ValidationFailed));

@@ -142,7 +142,8 @@ def main() -> int:
             "FUZZ_SEED": str(args.seed),
         }
         st = [
-            "schemathesis", "run", str(ROOT / "gateway" / "openapi.json"),
+            "schemathesis", "--config-file", str(HERE / "schemathesis.toml"),
+            "run", str(ROOT / "gateway" / "openapi.json"),
             "--url", base,
             "-H", f"Authorization: Bearer {admin}",
             "--checks", CHECKS,
@@ -155,6 +156,7 @@ def main() -> int:
             "--suppress-health-check", "all",
             "--report", "ndjson", "--report-ndjson-path", str(report),
             "--no-color",
+            "--output-truncate", "true",
         ]
         fuzz_started = time.monotonic()
         result = subprocess.run(st, env=st_env, cwd=work)
