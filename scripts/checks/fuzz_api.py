@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,6 +64,8 @@ class Sink(BaseHTTPRequestHandler):
 
 
 def main() -> int:
+    # A SIGTERM (e.g. from `timeout`) unwinds like an exception, so the gateway is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ap = argparse.ArgumentParser()
     ap.add_argument("binary")
     ap.add_argument("--max-examples", type=int, default=30, help="per operation and phase")
