@@ -14,4 +14,4 @@ if [ ! -x "$BIN/wa-soak" ] || [ ! -x "$BIN/wa-gateway" ] || [ ! -x "$BIN/wa-sess
 fi
 timeout 150 "$BIN/wa-soak" --gateway-bin "$BIN/wa-gateway" --session-bin "$BIN/wa-session" \
   --sessions 10 --rate 100 --duration 40 --warmup 15 --drain-timeout 30 \
-  --max-p99-ms 500 --gateway-growth-mib 16 --pod-growth-mib 4
+  --max-p99-ms 2000 --gateway-growth-mib 16 --pod-growth-mib 4
