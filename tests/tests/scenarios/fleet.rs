@@ -30,8 +30,11 @@ async fn s8_two_hundred_sessions_at_once() {
         let stack = &stack;
         let names: Vec<String> = (0..SESSIONS).map(|i| format!("fleet-{i:03}")).collect();
         let manifest = names.iter().map(|n| sandbox_manifest(n)).collect::<Vec<_>>().join("---\n");
+        // kubectl creates the 200 objects one request at a time: on a loaded 2-core machine
+        // that alone can pass the default 60 s a kubectl call gets here.
+        let kubectl = stack.kubectl().clone().with_timeout(Duration::from_secs(200));
         let started = Instant::now();
-        let out = stack.kubectl().apply(&manifest, &[]).await?;
+        let out = kubectl.apply(&manifest, &[]).await?;
         ensure!(out.matches(" created").count() == SESSIONS, "kubectl apply created them all: {out}");
 
         // All awaiting a scan and routable through the gateway.
@@ -47,7 +50,7 @@ async fn s8_two_hundred_sessions_at_once() {
         futures::stream::iter(names.iter().map(Ok::<_, anyhow::Error>))
             .try_for_each_concurrent(PARALLEL, |name| sandbox_scan(stack, name))
             .await?;
-        stack.kubectl().ok(&["wait", "--for=condition=Connected", "wa", "--all", "--timeout=180s"]).await?;
+        kubectl.ok(&["wait", "--for=condition=Connected", "wa", "--all", "--timeout=180s"]).await?;
         let connected = started.elapsed();
 
         // Each one reachable through the gateway: a send answered 201, then delivered.
