@@ -156,7 +156,7 @@ def main() -> int:
             "--workers", args.workers,
             "--request-timeout", "30",
             "--generation-database", "none",
-            "--suppress-health-check", "all",
+            "--suppress-health-check", "data_too_large,filter_too_much,too_slow,large_base_example",
             "--report", "ndjson", "--report-ndjson-path", str(report),
             "--no-color",
             "--output-truncate", "true",
