@@ -28,6 +28,9 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The most of a body read before its token is known to belong to a session.
+pub const UNKNOWN_TOKEN_BODY_LIMIT: usize = 256 * 1024;
+
 pub async fn events(State(gw): State<AppState>, req: Request) -> ApiResult<Json<EventAck>> {
     // Authenticate before reading or judging the body.
     let token = bearer(req.headers())
@@ -41,7 +44,20 @@ pub async fn events(State(gw): State<AppState>, req: Request) -> ApiResult<Json<
             ApiError::unauthorized("this token belongs to no session")
         });
     }
-    let bytes = body_bytes(req, &gw).await?;
+    let bytes = match known {
+        Some(_) => body_bytes(req, &gw).await?,
+        // Not known yet (in Kubernetes mode a pod's token Secret may reach this replica after
+        // the pod's first events): the body names the session to check the token against,
+        // but whoever sends it has proven nothing, so read little of it. A pod that meets
+        // this 413 halves its batch and retries; once the token is known it gets the
+        // route's full limit again.
+        None => axum::body::to_bytes(req.into_body(), UNKNOWN_TOKEN_BODY_LIMIT).await.map_err(|_| {
+            ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("a token this gateway does not know yet may send at most {UNKNOWN_TOKEN_BODY_LIMIT} bytes"),
+            )
+        })?,
+    };
     let batch: Option<EventBatch> = parse_json(&bytes).ok();
     let claimed = match (&known, batch.as_ref().and_then(|b| b.events.first())) {
         (Some(s), _) => s.clone(),

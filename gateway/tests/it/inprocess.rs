@@ -296,4 +296,21 @@ async fn events_need_the_pods_token() {
     };
     assert_eq!(call(&app, empty("wrong")).await.0, StatusCode::UNAUTHORIZED);
     assert_eq!(call(&app, empty("pod-token")).await.0, StatusCode::OK);
+
+    // Whoever has no known token gets little of the gateway's memory: a body over the
+    // unknown-token limit is refused (413, which makes a pod send smaller batches) before
+    // it is read whole; the pod's own token may send it.
+    let big = format!("{}{}", batch.replace("\"e1\"", "\"e2\""), " ".repeat(wa_gateway::http::internal::UNKNOWN_TOKEN_BODY_LIMIT));
+    let padded = |token: &str| {
+        Request::post("/internal/v1/events")
+            .header("content-type", "application/json")
+            .header("authorization", format!("Bearer {token}"))
+            .body(Body::from(big.clone()))
+            .unwrap()
+    };
+    let (status, body) = call(&app, padded("not-known-yet")).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(serde_json::from_slice::<Value>(&body).unwrap()["error"]["code"], "PAYLOAD_TOO_LARGE");
+    let (status, body) = call(&app, padded("pod-token")).await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
 }
