@@ -6,5 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-cargo build --release --locked -p wa-session >&2
+# Features resolved for the same packages as docker/Dockerfile builds in one invocation (cargo
+# unifies features across them), but only the wa-session binary is built: the shipped binary
+# differs from a `-p wa-session` build (with the gateway's sqlx, SQLite is compiled in instead
+# of linking the system's libsqlite3).
+cargo build --release --locked -p wa-operator -p wa-gateway -p wa-session --bin wa-session >&2
 exec python3 bench/session-pod/bench.py --bin "$CARGO_TARGET_DIR/release/wa-session" "$@"

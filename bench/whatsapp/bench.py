@@ -10,7 +10,10 @@ Measures, each with a fresh temporary data directory:
      was answered and the receipts settled; also the peak (VmHWM).
 
 RSS is VmRSS from /proc/<pid>/status, split into private anonymous memory (heap, stacks) and
-file-backed pages (mostly the binary's code) from /proc/<pid>/smaps_rollup. The pod runs
+file-backed pages (mostly the binary's code) from /proc/<pid>/smaps_rollup. Before each start
+the binary's pages are dropped from the page cache, as bench/session-pod/bench.py does (how
+much code the kernel maps depends on how the file sits in the cache; a freshly built binary is
+all in it). The pod runs
 without the caller's RUST_BACKTRACE / RUST_LIB_BACKTRACE unless --env sets them (wa-session
 turns library backtraces off unless RUST_LIB_BACKTRACE is set; before that, RUST_BACKTRACE=1
 made every anyhow error in wa-rs capture and symbolize a backtrace: 58 MiB connected instead
@@ -40,6 +43,16 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def evict_from_page_cache(path):
+    """Drops the binary's pages from the page cache (this file only), as on a node that reads
+    the binary from disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def proc_status(pid, key):
@@ -100,6 +113,7 @@ class Pod:
         self.log = open(os.path.join(self.dir, "log"), "w")
         env = {k: v for k, v in os.environ.items() if k not in ("RUST_BACKTRACE", "RUST_LIB_BACKTRACE")}
         env.update(Pod.extra_env)
+        evict_from_page_cache(binary)
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=env)
         self.wait(lambda: self.get("/readyz", token=None)[0] == 200, 15, "ready")
 
