@@ -610,8 +610,9 @@ async fn write_status(
         ctx.metrics.set_phase(session_key(session), phase);
     }
     let key = ObjectRef::from_obj(session);
-    let written = ctx.remember(&key, |m| m.written.clone());
-    if previous == Some(&status) && written.as_ref().is_none_or(|w| w == &status) {
+    if previous == Some(&status)
+        && ctx.remember(&key, |m| m.written.as_ref().is_none_or(|w| w == &status))
+    {
         return Ok(());
     }
     let message = status.message.clone().unwrap_or_default();

@@ -21,6 +21,13 @@ use crate::common::*;
 
 // ---- helpers ----------------------------------------------------------------------------
 
+/// One `table: row` line per row.
+fn push_rows(out: &mut String, table: &str, rows: Vec<String>) {
+    for r in rows {
+        out.push_str(&format!("{table}: {r}\n"));
+    }
+}
+
 /// Every table and column of the gateway's database, one line per row.
 async fn dump_database(db: &TestDb) -> String {
     let mut out = String::new();
@@ -48,9 +55,7 @@ async fn dump_database(db: &TestDb) -> String {
                     .fetch_all(&pool)
                     .await
                     .unwrap();
-                for r in rows {
-                    out.push_str(&format!("{t}: {r}\n"));
-                }
+                push_rows(&mut out, &t, rows);
             }
             pool.close().await;
         }
@@ -67,9 +72,7 @@ async fn dump_database(db: &TestDb) -> String {
                     .fetch_all(&pool)
                     .await
                     .unwrap();
-                for r in rows {
-                    out.push_str(&format!("{t}: {r}\n"));
-                }
+                push_rows(&mut out, &t, rows);
             }
             pool.close().await;
         }
