@@ -76,6 +76,11 @@ def memory(pid):
 
 
 class Pod:
+    # A command the pod runs under (bench/session-pod/order.py: callgrind), and how long it
+    # may take to become ready then.
+    wrapper = []
+    ready_timeout = 10.0
+
     def __init__(self, binary, engine="sandbox", args=(), events_url=None, cold=True):
         if cold:
             evict_from_page_cache(binary)
@@ -87,11 +92,11 @@ class Pod:
             cmd += ["--events-url", events_url]
         self.log = open(os.path.join(self.dir, "log"), "w")
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen([*Pod.wrapper, *cmd], stdout=self.log, stderr=self.log)
         self.ready_after = self._wait_ready()
 
-    def _wait_ready(self, timeout=10.0):
-        deadline = time.monotonic() + timeout
+    def _wait_ready(self):
+        deadline = time.monotonic() + Pod.ready_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"exited: {open(self.log.name).read()}")
@@ -108,9 +113,9 @@ class Pod:
     def conn(self):
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
 
-    def call(self, method, path, body=None, conn=None):
+    def call(self, method, path, body=None, conn=None, headers=None):
         c = conn or self.conn()
-        headers = {"authorization": f"Bearer {TOKEN}"}
+        headers = {"authorization": f"Bearer {TOKEN}", **(headers or {})}
         data = None
         if body is not None:
             data = json.dumps(body).encode()
@@ -134,10 +139,10 @@ class Pod:
                 return float(line.split()[1])
         return None
 
-    def stop(self):
+    def stop(self, timeout=10):
         self.proc.send_signal(signal.SIGTERM)
         try:
-            self.proc.wait(10)
+            self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -11,4 +11,6 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # differs from a `-p wa-session` build (with the gateway's sqlx, SQLite is compiled in instead
 # of linking the system's libsqlite3).
 cargo build --release --locked -p wa-operator -p wa-gateway -p wa-session --bin wa-session >&2
+# Whether the binary's functions sit in the order session-pod/wa-session.order lists them.
+python3 bench/session-pod/order.py --check --bin "$CARGO_TARGET_DIR/release/wa-session"
 exec python3 bench/session-pod/bench.py --bin "$CARGO_TARGET_DIR/release/wa-session" "$@"

@@ -63,9 +63,9 @@ def proc_status(pid, key):
     raise RuntimeError(f"no {key}")
 
 
-def call(host, port, method, path, body=None, token=None, accept=None, timeout=60):
+def call(host, port, method, path, body=None, token=None, accept=None, timeout=60, headers=None):
     c = http.client.HTTPConnection(host, port, timeout=timeout)
-    headers = {}
+    headers = dict(headers or {})
     if body is not None:
         headers["content-type"] = "application/json"
         body = json.dumps(body)
@@ -101,6 +101,10 @@ class Emulator:
 
 class Pod:
     extra_env = {}
+    # A command the pod runs under (bench/session-pod/order.py: callgrind), and how long it
+    # may take to become ready then.
+    wrapper = []
+    ready_timeout = 15
 
     def __init__(self, binary, server_url, media_url, extra=()):
         self.dir = tempfile.mkdtemp(prefix="wa-bench-wa-")
@@ -114,14 +118,14 @@ class Pod:
         env = {k: v for k, v in os.environ.items() if k not in ("RUST_BACKTRACE", "RUST_LIB_BACKTRACE")}
         env.update(Pod.extra_env)
         evict_from_page_cache(binary)
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=self.log, env=env)
-        self.wait(lambda: self.get("/readyz", token=None)[0] == 200, 15, "ready")
+        self.proc = subprocess.Popen([*Pod.wrapper, *cmd], stdout=self.log, stderr=self.log, env=env)
+        self.wait(lambda: self.get("/readyz", token=None)[0] == 200, Pod.ready_timeout, "ready")
 
     def get(self, path, token=TOKEN, accept=None):
         return call("127.0.0.1", self.port, "GET", path, token=token, accept=accept)
 
-    def post(self, path, body):
-        return call("127.0.0.1", self.port, "POST", path, body, token=TOKEN)
+    def post(self, path, body, headers=None):
+        return call("127.0.0.1", self.port, "POST", path, body, token=TOKEN, headers=headers)
 
     def wait(self, cond, timeout, what):
         deadline = time.monotonic() + timeout
@@ -160,10 +164,10 @@ class Pod:
         anon, file = self.split()
         return (what, self.phase(), mib(self.rss()), mib(anon), mib(file))
 
-    def stop(self):
+    def stop(self, timeout=10):
         self.proc.terminate()
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -12,6 +12,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # of one invocation; building it together with the emulator would give another binary).
 cargo build --release --locked -p wa-operator -p wa-gateway -p wa-session --bin wa-session >&2
 cargo build --release --locked -p wa-emulator >&2
+# Whether the binary's functions sit in the order session-pod/wa-session.order lists them.
+python3 bench/session-pod/order.py --check --bin "$CARGO_TARGET_DIR/release/wa-session"
 exec python3 bench/whatsapp/bench.py \
   --bin "$CARGO_TARGET_DIR/release/wa-session" \
   --emulator "$CARGO_TARGET_DIR/release/wa-emulator" "$@"
