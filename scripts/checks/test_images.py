@@ -78,6 +78,16 @@ def test_build_stage_builds_every_binary_locked():
         assert re.search(r'\[\[bin\]\]\s*name = "' + name + '"', cargo), f"no [[bin]] {name}"
 
 
+def test_build_stage_compiles_crates_from_the_path_the_link_order_was_recorded_with():
+    """session-pod/wa-session.order names functions whose ThinLTO names hash the crates' source
+    paths (BENCHMARKS.md, "Session pod"); it is recorded with CARGO_HOME=/root/.cargo."""
+    envs = [i["value"] for i in stages()["build"] if i["instruction"] == "ENV"]
+    assert "CARGO_HOME=/root/.cargo" in envs, envs
+    run = " ".join(i["value"] for i in stages()["build"] if i["instruction"] == "RUN")
+    assert "target=/root/.cargo/registry" in run, "the registry cache follows CARGO_HOME"
+    assert (c.ROOT / "session-pod" / "wa-session.order").is_file()
+
+
 @pytest.mark.parametrize("name", IMAGES)
 def test_runtime_image_is_distroless_nonroot_without_a_shell(name):
     ins = stages()[name]
