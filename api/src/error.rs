@@ -62,6 +62,9 @@ pub enum ErrorCode {
     SessionNotReady,
     /// A dependency (database, pod) is unavailable; see `Retry-After`. 503
     Unavailable,
+    /// The gateway is answering as many requests as it is configured to; this one was refused
+    /// before anything was done or recorded. Retry after `Retry-After`. 503
+    Overloaded,
     /// WhatsApp (or the engine) refused or failed the send. 502
     SendFailed,
     /// A retry (same `Idempotency-Key`) of a send whose first attempt was cut off by a crash
@@ -94,7 +97,7 @@ impl ErrorCode {
             RateLimited => 429,
             Internal => 500,
             SendFailed | SendOutcomeUnknown => 502,
-            SessionNotReady | Unavailable => 503,
+            SessionNotReady | Unavailable | Overloaded => 503,
             Timeout => 504,
         }
     }
@@ -130,6 +133,7 @@ impl ErrorCode {
             QrNotAvailable => "QR_NOT_AVAILABLE",
             SessionNotReady => "SESSION_NOT_READY",
             Unavailable => "UNAVAILABLE",
+            Overloaded => "OVERLOADED",
             SendFailed => "SEND_FAILED",
             SendOutcomeUnknown => "SEND_OUTCOME_UNKNOWN",
             Timeout => "TIMEOUT",
@@ -146,7 +150,7 @@ impl ErrorCode {
             SessionNotConnected, AlreadyPaired, IdempotencyConflict, PayloadTooLarge,
             MediaTooLarge, UnsupportedMediaType, InvalidRecipient, InvalidPhoneNumber,
             InvalidSessionName, EmptyText, ValidationFailed, RecipientNotOnWhatsapp, RateLimited,
-            QrNotAvailable, SessionNotReady, Unavailable, SendFailed, SendOutcomeUnknown, Timeout,
+            QrNotAvailable, SessionNotReady, Unavailable, Overloaded, SendFailed, SendOutcomeUnknown, Timeout,
             Internal,
         ]
     };

@@ -101,6 +101,13 @@ pub struct ServeArgs {
     #[arg(long, env = "WA_GATEWAY_SEND_TIMEOUT", default_value_t = 30.0)]
     pub send_timeout_seconds: f64,
 
+    /// API requests answered at once; past it requests are refused at once with 503
+    /// OVERLOADED and `Retry-After`, so a backlog cannot grow the gateway's memory. Pod event
+    /// deliveries, health, metrics and the OpenAPI document are not counted.
+    #[arg(long, env = "WA_GATEWAY_MAX_IN_FLIGHT", default_value_t = crate::state::DEFAULT_MAX_IN_FLIGHT,
+        value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight: u32,
+
     /// Log filter (`tracing` syntax).
     #[arg(long, env = "WA_GATEWAY_LOG", default_value = "info")]
     pub log: String,
@@ -150,6 +157,7 @@ impl ServeArgs {
             webhook_backoff_base: Duration::from_millis(self.webhook_backoff_ms.max(1)),
             webhook_backoff_max: Duration::from_secs(self.webhook_backoff_max_seconds.max(1)),
             webhook_timeout: secs(self.webhook_timeout_seconds, d.webhook_timeout),
+            max_in_flight: self.max_in_flight as usize,
         }
     }
 

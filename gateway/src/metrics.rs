@@ -25,6 +25,8 @@ use crate::pod_client::PodClient;
 pub const EXPORTED: &[(&str, &str, &str)] = &[
     ("wa_gateway_http_requests_total", "counter", "HTTP requests answered, by route template, method and status."),
     ("wa_gateway_http_request_duration_seconds", "histogram", "Time to answer HTTP requests, by route template and method."),
+    ("wa_gateway_requests_in_flight", "gauge", "API requests being answered now (the ones the in-flight limit counts)."),
+    ("wa_gateway_requests_shed_total", "counter", "API requests refused 503 OVERLOADED because the in-flight limit was reached."),
     ("wa_gateway_outbox_depth", "gauge", "Sends recorded but not yet handed to a session pod."),
     ("wa_gateway_webhook_queue_depth", "gauge", "Webhook deliveries waiting for their next attempt."),
     ("wa_gateway_webhook_deliveries_total", "counter", "Webhook delivery attempts by result (delivered, retried, dead)."),
@@ -66,6 +68,10 @@ type HttpKey = (String, String, u16);
 pub struct Metrics {
     http_requests: RwLock<HashMap<HttpKey, Arc<AtomicU64>>>,
     http_durations: RwLock<HashMap<(String, String), Arc<Histogram>>>,
+    /// API requests admitted and not answered yet (see `http::admission`).
+    pub requests_in_flight: AtomicI64,
+    /// API requests refused by the in-flight limit.
+    pub requests_shed: AtomicU64,
     pub outbox_depth: AtomicI64,
     pub webhook_queue_depth: AtomicI64,
     webhook_results: [AtomicU64; 3],
@@ -206,6 +212,10 @@ impl Metrics {
                 let _ = writeln!(out, "wa_gateway_http_request_duration_seconds_count{{{labels}}} {count}");
             }
         }
+        help(&mut out, "wa_gateway_requests_in_flight");
+        let _ = writeln!(out, "wa_gateway_requests_in_flight {}", self.requests_in_flight.load(Ordering::Relaxed));
+        help(&mut out, "wa_gateway_requests_shed_total");
+        let _ = writeln!(out, "wa_gateway_requests_shed_total {}", self.requests_shed.load(Ordering::Relaxed));
         help(&mut out, "wa_gateway_outbox_depth");
         let _ = writeln!(out, "wa_gateway_outbox_depth {}", self.outbox_depth.load(Ordering::Relaxed));
         help(&mut out, "wa_gateway_webhook_queue_depth");

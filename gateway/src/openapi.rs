@@ -118,11 +118,15 @@ impl Doc {
         self.auth = auth;
         match auth {
             Auth::None => {}
-            Auth::Key => {
-                self = self.errors(&[ErrorCode::Unauthorized, ErrorCode::Forbidden, ErrorCode::Unavailable, ErrorCode::Internal])
-            }
-            Auth::Admin => {
-                self = self.errors(&[ErrorCode::Unauthorized, ErrorCode::Forbidden, ErrorCode::Unavailable, ErrorCode::Internal])
+            // OVERLOADED: the in-flight limit (`http::admission`) counts every keyed route.
+            Auth::Key | Auth::Admin => {
+                self = self.errors(&[
+                    ErrorCode::Unauthorized,
+                    ErrorCode::Forbidden,
+                    ErrorCode::Unavailable,
+                    ErrorCode::Overloaded,
+                    ErrorCode::Internal,
+                ])
             }
             Auth::PodToken => self = self.errors(&[ErrorCode::Unauthorized, ErrorCode::Unavailable, ErrorCode::Internal]),
             Auth::Compat => {}

@@ -44,7 +44,13 @@ pub struct Settings {
     pub webhook_backoff_max: Duration,
     /// Time a webhook receiver has to answer.
     pub webhook_timeout: Duration,
+    /// API requests answered at once; more are refused 503 OVERLOADED (`http::admission`).
+    pub max_in_flight: usize,
 }
+
+/// Enough for 1,000 sends/s answered within half a second each (Little's law), small
+/// enough that a backlog cannot hold more than a few MiB of request buffers and tasks.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 512;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -56,6 +62,7 @@ impl Default for Settings {
             webhook_backoff_base: Duration::from_secs(2),
             webhook_backoff_max: Duration::from_secs(600),
             webhook_timeout: Duration::from_secs(10),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT as usize,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP API: one endpoint table builds both the router ([`app`]) and the OpenAPI
 //! document ([`openapi_text`]), so they cannot drift apart.
 
+pub mod admission;
 pub mod compat;
 pub mod extract;
 pub mod internal;
@@ -407,9 +408,12 @@ pub fn app(state: AppState) -> Router {
     for e in endpoints(&state.settings) {
         router = router.route(e.path, e.route);
     }
+    let admission = admission::Admission::new(state.settings.max_in_flight, state.metrics.clone());
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        // Inside `observe`, so refused requests show in the HTTP metrics and the log too.
+        .layer(middleware::from_fn_with_state(admission, admission::limit))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)

@@ -5,6 +5,8 @@
 use wa_api::crd::{Account, WebhookEvent};
 use wa_api::pod::{EventAck, EventBody, MessageStatus, PodEvent};
 
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+
 use super::{Store, StoreResult, on_pool};
 use crate::model::{WebhookPayload, webhook_payload};
 use crate::util::new_id;
@@ -47,8 +49,77 @@ fn rank(s: MessageStatus) -> i32 {
     i32::from(s.rank())
 }
 
+/// Statements that take a whole batch at once: the batch's values go in as one JSON parameter,
+/// unpacked by the database (`json_each` on SQLite, `jsonb_*` on PostgreSQL), so a batch
+/// costs a few round trips whatever its size instead of a few per event. A batch of one
+/// uses the one-row statements (`ONE_*`): on SQLite the JSON forms build a temporary b-tree
+/// per execution (RETURNING, `IN (SELECT …)`), which costs more than they save for one row
+/// (measured with `bench/gateway/callgrind.sh`, BENCHMARKS.md).
+mod batch_sql {
+    pub const DEDUP_ONE: &str = "INSERT INTO processed_events (id, session, received_at) VALUES ($1, $2, $3)
+         ON CONFLICT (id) DO NOTHING";
+    pub const MESSAGE_ONE: &str = "SELECT wa_id, id, status_rank FROM messages
+         WHERE session = $1 AND direction = 'outbound' AND wa_id = $2";
+    pub const ADVANCE_ONE: &str = "UPDATE messages SET status = $2, status_rank = $3,
+            error = COALESCE($4, error), updated_at = $5
+         WHERE id = $1 AND status_rank < $3";
+
+    /// Records the batch's event ids; returns the ones not seen before. `$1`: JSON array of ids.
+    /// (SQLite: `OR IGNORE` rather than `ON CONFLICT DO NOTHING`, and in the update below,
+    /// because a multi-row statement that cannot abort needs no statement journal; with one,
+    /// SQLite copies every page it touches first, which cost more than the batching saved.)
+    pub const DEDUP_SQLITE: &str = "INSERT OR IGNORE INTO processed_events (id, session, received_at)
+         SELECT value, $2, $3 FROM json_each($1) RETURNING id";
+    pub const DEDUP_PG: &str = "INSERT INTO processed_events (id, session, received_at)
+         SELECT t.id, $2, $3 FROM jsonb_array_elements_text($1::jsonb) AS t(id)
+         ON CONFLICT (id) DO NOTHING RETURNING id";
+
+    /// The outbound messages the receipts are about. `$2`: JSON array of WhatsApp ids.
+    pub const MESSAGES_SQLITE: &str = "SELECT wa_id, id, status_rank FROM messages
+         WHERE session = $1 AND direction = 'outbound' AND wa_id IN (SELECT value FROM json_each($2))";
+    pub const MESSAGES_PG: &str = "SELECT wa_id, id, status_rank FROM messages
+         WHERE session = $1 AND direction = 'outbound'
+           AND wa_id = ANY (ARRAY(SELECT jsonb_array_elements_text($2::jsonb)))";
+
+    /// PostgreSQL: the per-WhatsApp-id locks (`WA_ID_LOCK`) of every receipt of the batch, in
+    /// one order (by hash), so two transactions locking overlapping sets cannot deadlock.
+    pub const LOCK_PG: &str = "SELECT pg_advisory_xact_lock(h) FROM
+         (SELECT DISTINCT hashtextextended(t.w, 0) AS h FROM jsonb_array_elements_text($1::jsonb) AS t(w)
+          ORDER BY h OFFSET 0) AS locks";
+
+    /// Moves messages forward. `$1`: JSON array of {id, status, rank, error}; `error` is the
+    /// reason of a `failed` receipt, null otherwise.
+    pub const ADVANCE_SQLITE: &str = "UPDATE OR IGNORE messages SET status = u.status, status_rank = u.rank,
+            error = COALESCE(u.error, messages.error), updated_at = $2
+         FROM (SELECT json_extract(value, '$.id') AS id, json_extract(value, '$.status') AS status,
+                      json_extract(value, '$.rank') AS rank, json_extract(value, '$.error') AS error
+               FROM json_each($1)) AS u
+         WHERE messages.id = u.id AND messages.status_rank < u.rank";
+    pub const ADVANCE_PG: &str = "UPDATE messages SET status = u.status, status_rank = u.rank,
+            error = COALESCE(u.error, messages.error), updated_at = $2
+         FROM jsonb_to_recordset($1::jsonb) AS u(id text, status text, rank int, error text)
+         WHERE messages.id = u.id AND messages.status_rank < u.rank";
+}
+
+/// Where a receipt moves a message: the highest status the batch's receipts reach.
+#[derive(Debug, serde::Serialize)]
+struct Advance<'a> {
+    id: String,
+    status: &'static str,
+    rank: i32,
+    error: Option<&'a str>,
+}
+
+fn encode(e: serde_json::Error) -> sqlx::Error {
+    sqlx::Error::Encode(Box::new(e))
+}
+
 impl Store {
     /// Applies a batch of events from `session`'s pod. `targets` are the session's webhooks.
+    ///
+    /// Receipts, the bulk of the traffic (three per send), are applied with one statement
+    /// each for the whole batch: record the event ids, read the messages they name, move the
+    /// messages forward. The result is what applying the events one by one in order gives.
     pub async fn apply_events(
         &self,
         session: &str,
@@ -59,25 +130,69 @@ impl Store {
     ) -> StoreResult<EventOutcome> {
         let mut out = EventOutcome {
             ack: EventAck { accepted: 0, duplicates: 0 },
-            applied: Vec::new(),
+            applied: Vec::with_capacity(events.len()),
             deliveries: 0,
-            seen: Vec::new(),
+            seen: Vec::with_capacity(events.len()),
         };
         let postgres = matches!(self, Store::Postgres(_));
         on_pool!(self, pool => {
             let mut tx = pool.begin().await?;
-            for event in events {
-                let fresh = sqlx::query(
-                    "INSERT INTO processed_events (id, session, received_at) VALUES ($1, $2, $3)
-                     ON CONFLICT (id) DO NOTHING",
-                )
-                .bind(&event.id)
-                .bind(session)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected()
-                    == 1;
+            let fresh: Vec<bool> = if let [event] = events {
+                let done = sqlx::query(batch_sql::DEDUP_ONE)
+                    .bind(&event.id)
+                    .bind(session)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                vec![done == 1]
+            } else {
+                let ids = serde_json::to_string(&events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>()).map_err(encode)?;
+                let new_ids: Vec<(String,)> = sqlx::query_as(if postgres { batch_sql::DEDUP_PG } else { batch_sql::DEDUP_SQLITE })
+                    .bind(&ids)
+                    .bind(session)
+                    .bind(now)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                let mut new_ids: HashSet<String> = new_ids.into_iter().map(|(id,)| id).collect();
+                // An id twice in one batch: the first one is new, the second a duplicate.
+                events.iter().map(|e| new_ids.remove(&e.id)).collect()
+            };
+
+            // The messages this batch's new receipts are about: WhatsApp id → (id, rank).
+            let wa_ids: BTreeSet<&str> = events
+                .iter()
+                .zip(&fresh)
+                .filter_map(|(e, fresh)| match &e.body {
+                    EventBody::Receipt(r) if *fresh => Some(r.message_id.as_str()),
+                    _ => None,
+                })
+                .collect();
+            let mut known: HashMap<String, (String, i32)> = HashMap::new();
+            if wa_ids.len() == 1 {
+                let wa_id = wa_ids.first().copied().unwrap_or_default();
+                if postgres {
+                    sqlx::query(super::messages::WA_ID_LOCK).bind(wa_id).execute(&mut *tx).await?;
+                }
+                let rows: Vec<(String, String, i32)> =
+                    sqlx::query_as(batch_sql::MESSAGE_ONE).bind(session).bind(wa_id).fetch_all(&mut *tx).await?;
+                known = rows.into_iter().map(|(wa_id, id, rank)| (wa_id, (id, rank))).collect();
+            } else if !wa_ids.is_empty() {
+                let wa_ids = serde_json::to_string(&wa_ids).map_err(encode)?;
+                if postgres {
+                    sqlx::query(batch_sql::LOCK_PG).bind(&wa_ids).execute(&mut *tx).await?;
+                }
+                let rows: Vec<(String, String, i32)> =
+                    sqlx::query_as(if postgres { batch_sql::MESSAGES_PG } else { batch_sql::MESSAGES_SQLITE })
+                        .bind(session)
+                        .bind(&wa_ids)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                known = rows.into_iter().map(|(wa_id, id, rank)| (wa_id, (id, rank))).collect();
+            }
+            let mut advances: BTreeMap<String, Advance<'_>> = BTreeMap::new();
+
+            for (event, fresh) in events.iter().zip(fresh) {
                 out.seen.push((event_kind(&event.body), fresh));
                 if !fresh {
                     out.ack.duplicates += 1;
@@ -146,37 +261,29 @@ impl Store {
                         }
                     }
                     EventBody::Receipt(r) => {
-                        if postgres {
-                            sqlx::query(super::messages::WA_ID_LOCK).bind(&r.message_id).execute(&mut *tx).await?;
-                        }
-                        let row: Option<(String, i32)> = sqlx::query_as(
-                            "SELECT id, status_rank FROM messages WHERE session = $1 AND direction = 'outbound' AND wa_id = $2",
-                        )
-                        .bind(session)
-                        .bind(&r.message_id)
-                        .fetch_optional(&mut *tx)
-                        .await?;
-                        match &row {
-                            Some((id, current)) if *current < rank(r.status) => {
-                                sqlx::query(
-                                    "UPDATE messages SET status = $2, status_rank = $3,
-                                        error = CASE WHEN $2 = 'failed' THEN COALESCE($4, error) ELSE error END,
-                                        updated_at = $5
-                                     WHERE id = $1 AND status_rank < $3",
-                                )
-                                .bind(id)
-                                .bind(r.status.as_str())
-                                .bind(rank(r.status))
-                                .bind(&r.reason)
-                                .bind(now)
-                                .execute(&mut *tx)
-                                .await?;
+                        let message_id = match known.get_mut(&r.message_id) {
+                            Some((id, current)) => {
+                                if *current < rank(r.status) {
+                                    // Applied in order: later receipts compare with this one.
+                                    *current = rank(r.status);
+                                    let advance = advances.entry(id.clone()).or_insert_with(|| Advance {
+                                        id: id.clone(),
+                                        status: r.status.as_str(),
+                                        rank: 0,
+                                        error: None,
+                                    });
+                                    advance.status = r.status.as_str();
+                                    advance.rank = rank(r.status);
+                                    if r.status == MessageStatus::Failed && r.reason.is_some() {
+                                        advance.error = r.reason.as_deref();
+                                    }
+                                }
+                                // Otherwise not news: the message is already that far.
+                                Some(id.clone())
                             }
-                            // Not news: the message is already that far.
-                            Some(_) => {}
                             // A "sent" receipt ahead of the send answer says nothing the answer
                             // will not record itself.
-                            None if r.status == MessageStatus::Sent => {}
+                            None if r.status == MessageStatus::Sent => None,
                             None => {
                                 // The send answer has not recorded the WhatsApp id yet: keep the
                                 // highest status until it does.
@@ -195,16 +302,20 @@ impl Store {
                                 .bind(now)
                                 .execute(&mut *tx)
                                 .await?;
+                                None
                             }
-                        }
-                        let message_id = row.map(|(id, _)| id);
+                        };
                         payload = Some((WebhookEvent::Receipt, webhook_payload(event, namespace, message_id.as_deref())));
                         out.applied.push(AppliedEvent::Receipt { message_id, status: r.status });
                     }
                 }
                 if let Some((kind, payload)) = payload {
-                    let body = serde_json::to_string(&payload).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-                    for target in targets.iter().filter(|t| t.wants(kind)) {
+                    let wanted: Vec<&WebhookTarget> = targets.iter().filter(|t| t.wants(kind)).collect();
+                    if wanted.is_empty() {
+                        continue;
+                    }
+                    let body = serde_json::to_string(&payload).map_err(encode)?;
+                    for target in wanted {
                         let queued = sqlx::query(
                             "INSERT INTO webhook_deliveries (id, webhook_id, session, event_id, event_type, url,
                                 payload, status, attempts, next_attempt_at, created_at, updated_at)
@@ -225,6 +336,24 @@ impl Store {
                         out.deliveries += queued as u32;
                     }
                 }
+            }
+            if let (1, Some(a)) = (advances.len(), advances.values().next()) {
+                sqlx::query(batch_sql::ADVANCE_ONE)
+                    .bind(&a.id)
+                    .bind(a.status)
+                    .bind(a.rank)
+                    .bind(a.error)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            } else if !advances.is_empty() {
+                let advances: Vec<&Advance<'_>> = advances.values().collect();
+                let advances = serde_json::to_string(&advances).map_err(encode)?;
+                sqlx::query(if postgres { batch_sql::ADVANCE_PG } else { batch_sql::ADVANCE_SQLITE })
+                    .bind(&advances)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
             }
             tx.commit().await?;
         });

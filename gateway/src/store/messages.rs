@@ -114,6 +114,14 @@ pub enum InsertOutcome {
     Existing(MessageRow),
 }
 
+/// A message row and whether an early receipt waits for it (`finish_send`).
+#[derive(sqlx::FromRow)]
+struct Recorded {
+    #[sqlx(flatten)]
+    row: MessageRow,
+    early: bool,
+}
+
 /// How a forward ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SendOutcome {
@@ -216,13 +224,16 @@ impl Store {
     pub async fn finish_send(&self, id: &str, outcome: &SendOutcome, now: i64) -> StoreResult<Option<MessageRow>> {
         let row = match outcome {
             SendOutcome::Sent { wa_id, chat, status, sent_at } => {
+                // `early`: whether a receipt for this WhatsApp id arrived before this answer (read
+                // in the same statement, so the common case costs one round trip, not two).
                 let record = format!(
                     "UPDATE messages SET wa_id = $2, chat = $3,
                         status = CASE WHEN status_rank < $5 THEN $4 ELSE status END,
                         status_rank = CASE WHEN status_rank < $5 THEN $5 ELSE status_rank END,
                         error_code = NULL, error = NULL, sent_at = $6, payload = NULL,
                         next_attempt_at = NULL, lease_until = NULL, updated_at = $7
-                     WHERE id = $1 RETURNING {MESSAGE_COLUMNS}"
+                     WHERE id = $1 RETURNING {MESSAGE_COLUMNS},
+                        EXISTS (SELECT 1 FROM early_receipts e WHERE e.session = messages.session AND e.wa_id = $2) AS early"
                 );
                 const TAKE_EARLY: &str = "DELETE FROM early_receipts WHERE session = $1 AND wa_id = $2
                      RETURNING status, status_rank, reason";
@@ -231,12 +242,13 @@ impl Store {
                      WHERE id = $1 AND status_rank < $3 RETURNING {MESSAGE_COLUMNS}"
                 );
                 match self {
-                    // Writers are serialized, so two autocommit statements in this order are
-                    // enough: a receipt applied before the first finds no WhatsApp id and is kept
-                    // as an early receipt, which the second takes; one applied after it finds
-                    // the id. (Only a crash between the two can leave an early receipt behind.)
+                    // Writers are serialized, so autocommit statements in this order are enough:
+                    // a receipt applied before the first finds no WhatsApp id and is kept as an
+                    // early receipt, which the first sees (`early`) and the next ones take; one
+                    // applied after it finds the id. (Only a crash between them can leave an
+                    // early receipt behind.)
                     Store::Sqlite(pool) => {
-                        let mut row: Option<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(record))
+                        let recorded: Option<Recorded> = sqlx::query_as(sqlx::AssertSqlSafe(record))
                             .bind(id)
                             .bind(wa_id)
                             .bind(chat)
@@ -246,7 +258,9 @@ impl Store {
                             .bind(now)
                             .fetch_optional(pool)
                             .await?;
-                        if let Some(session) = row.as_ref().map(|r| r.session.clone()) {
+                        let early = recorded.as_ref().is_some_and(|r| r.early);
+                        let mut row = recorded.map(|r| r.row);
+                        if let Some(session) = row.as_ref().filter(|_| early).map(|r| r.session.clone()) {
                             let early: Option<(String, i32, Option<String>)> =
                                 sqlx::query_as(TAKE_EARLY).bind(&session).bind(wa_id).fetch_optional(pool).await?;
                             if let Some((status, status_rank, reason)) = early {
@@ -271,7 +285,7 @@ impl Store {
                     Store::Postgres(pool) => {
                         let mut tx = pool.begin().await?;
                         sqlx::query(WA_ID_LOCK).bind(wa_id).execute(&mut *tx).await?;
-                        let mut row: Option<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(record))
+                        let recorded: Option<Recorded> = sqlx::query_as(sqlx::AssertSqlSafe(record))
                             .bind(id)
                             .bind(wa_id)
                             .bind(chat)
@@ -281,7 +295,9 @@ impl Store {
                             .bind(now)
                             .fetch_optional(&mut *tx)
                             .await?;
-                        if let Some(session) = row.as_ref().map(|r| r.session.clone()) {
+                        let early = recorded.as_ref().is_some_and(|r| r.early);
+                        let mut row = recorded.map(|r| r.row);
+                        if let Some(session) = row.as_ref().filter(|_| early).map(|r| r.session.clone()) {
                             let early: Option<(String, i32, Option<String>)> =
                                 sqlx::query_as(TAKE_EARLY).bind(&session).bind(wa_id).fetch_optional(&mut *tx).await?;
                             if let Some((status, status_rank, reason)) = early {
@@ -525,6 +541,72 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.message("m1").await.unwrap().unwrap().status, "read");
+    });
+
+    both!(a_batch_of_receipts_applies_as_one_by_one_in_order, |store| {
+        use wa_api::pod::{EventBody, PodEvent, Receipt};
+        let sent = |wa: &str| SendOutcome::Sent {
+            wa_id: wa.into(),
+            chat: "15551234567@s.whatsapp.net".into(),
+            status: MessageStatus::Sent,
+            sent_at: 11,
+        };
+        for (id, wa) in [("m1", "WA1"), ("m2", "WA2"), ("m3", "WA3")] {
+            store.insert_outbound(&new(id, None, "sync", 10)).await.unwrap();
+            store.finish_send(id, &sent(wa), 12).await.unwrap();
+        }
+        let receipt = |id: &str, wa: &str, status: MessageStatus, reason: Option<&str>| PodEvent {
+            id: id.into(),
+            session: "s".into(),
+            namespace: None,
+            occurred_at: chrono::Utc::now(),
+            body: EventBody::Receipt(Receipt {
+                message_id: wa.into(),
+                chat: "15551234567@s.whatsapp.net".into(),
+                status,
+                reason: reason.map(str::to_owned),
+            }),
+        };
+        let batch = [
+            receipt("e1", "WA1", MessageStatus::Delivered, None),
+            receipt("e2", "WA1", MessageStatus::Read, None),
+            receipt("e1", "WA1", MessageStatus::Delivered, None), // the same event again
+            receipt("e3", "WA1", MessageStatus::Delivered, None), // late and lower: no change
+            receipt("e4", "WA2", MessageStatus::Failed, Some("blocked")),
+            receipt("e5", "WA2", MessageStatus::Delivered, None), // keeps the failure's reason
+            receipt("e6", "WA9", MessageStatus::Delivered, None), // not recorded yet: early
+            receipt("e7", "WA9", MessageStatus::Read, None),
+            receipt("e8", "WA3", MessageStatus::Sent, None), // already sent: nothing to do
+        ];
+        let out = store.apply_events("s", None, &batch, &[], 20).await.unwrap();
+        assert_eq!((out.ack.accepted, out.ack.duplicates), (8, 1));
+        let fresh: Vec<bool> = out.seen.iter().map(|(_, f)| *f).collect();
+        assert_eq!(fresh, [true, true, false, true, true, true, true, true, true]);
+        let ids: Vec<Option<&str>> = out
+            .applied
+            .iter()
+            .map(|a| match a {
+                crate::store::AppliedEvent::Receipt { message_id, .. } => message_id.as_deref(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [Some("m1"), Some("m1"), Some("m1"), Some("m2"), Some("m2"), None, None, Some("m3")]);
+        let m1 = store.message("m1").await.unwrap().unwrap();
+        assert_eq!((m1.status.as_str(), m1.status_rank, m1.updated_at), ("read", 4, 20));
+        let m2 = store.message("m2").await.unwrap().unwrap();
+        assert_eq!((m2.status.as_str(), m2.error.as_deref()), ("delivered", Some("blocked")));
+        let m3 = store.message("m3").await.unwrap().unwrap();
+        assert_eq!((m3.status.as_str(), m3.updated_at), ("sent", 12));
+        // The early receipts wait for WA9's send answer, at their highest status.
+        assert_eq!(store.early_receipt_count().await.unwrap(), 1);
+        store.insert_outbound(&new("m9", None, "sync", 10)).await.unwrap();
+        let row = store.finish_send("m9", &sent("WA9"), 30).await.unwrap().unwrap();
+        assert_eq!(row.status, "read");
+        assert_eq!(store.early_receipt_count().await.unwrap(), 0);
+        // The whole batch again: all duplicates, nothing changes.
+        let again = store.apply_events("s", None, &batch, &[], 40).await.unwrap();
+        assert_eq!((again.ack.accepted, again.ack.duplicates), (0, 9));
+        assert_eq!(store.message("m1").await.unwrap().unwrap().updated_at, 20);
     });
 
     both!(outbox_claims_due_unleased_rows_once, |store| {

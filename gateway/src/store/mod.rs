@@ -3,9 +3,10 @@
 //!
 //! The SQL is written once for both databases (`$n` parameters, `ON CONFLICT`, `RETURNING`,
 //! times as Unix milliseconds); the [`on_pool!`] macro expands each query for both pool types.
-//! The one dialect difference that matters is the outbox claim: PostgreSQL adds
+//! The dialects differ in two places: the outbox claim (PostgreSQL adds
 //! `FOR UPDATE SKIP LOCKED` so replicas never claim the same row; SQLite runs one replica,
-//! and its `UPDATE … RETURNING` is atomic anyway.
+//! and its `UPDATE … RETURNING` is atomic anyway), and the statements that take a whole event
+//! batch as one JSON parameter (`json_each` on SQLite, `jsonb_*` functions on PostgreSQL).
 
 mod events;
 mod keys;
@@ -135,6 +136,10 @@ impl Store {
                 // queue instead keeps the tail latency of concurrent sends low.
                 let pool = SqlitePoolOptions::new()
                     .max_connections(1)
+                    // The connection lives in this process (sqlx's worker thread): testing it
+                    // before each use is one more hand-off to that thread per statement and
+                    // can catch nothing a statement's own error would not.
+                    .test_before_acquire(false)
                     .acquire_timeout(Duration::from_secs(5))
                     .connect_with(options)
                     .await

@@ -11,6 +11,7 @@ mod inprocess;
 mod keys;
 mod kube;
 mod messages;
+mod overload;
 mod security;
 mod sessions;
 mod webhooks;

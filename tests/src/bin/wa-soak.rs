@@ -15,7 +15,9 @@ use wa_tests::soak::{self, Bounds, SoakConfig};
 
 /// Open-loop load through the gateway, with an accounting of every message.
 #[derive(Parser, Debug)]
-#[command(name = "wa-soak", version)]
+// A flag given twice takes the last value: bench/soak/run.sh passes its defaults first and
+// the caller's flags after them (`run.sh --duration 60`).
+#[command(name = "wa-soak", version, args_override_self = true)]
 struct Args {
     /// Sandbox sessions (each its own wa-session process).
     #[arg(long, default_value_t = 50)]
