@@ -3,6 +3,7 @@
 
 pub mod admission;
 pub mod compat;
+pub mod drain;
 pub mod extract;
 pub mod internal;
 pub mod keys;
@@ -414,6 +415,7 @@ pub fn app(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Inside `observe`, so refused requests show in the HTTP metrics and the log too.
         .layer(middleware::from_fn_with_state(admission, admission::limit))
+        .layer(middleware::from_fn(drain::drain_refused_bodies))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .with_state(state)

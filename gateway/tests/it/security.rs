@@ -476,6 +476,53 @@ async fn body_limits(kind: DbKind) {
     assert_eq!(sent, 0.0, "the pod counted messages:\n{metrics}");
 }
 
+/// A body over the limit is answered 413 on a connection that stays usable: the gateway reads
+/// the rest of the body first. Stopping to read and closing would make the client's kernel
+/// drop the answer with a reset, and the connection could not carry the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_body_gets_its_answer_and_the_connection_stays_open() {
+    let (_dir, _db, gw) = setup(DbKind::Sqlite, &Options::default());
+    let addr = gw.url.trim_start_matches("http://").to_owned();
+    let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    // 2 MB: far more than the socket buffers hold, so most of it is still on its way when the
+    // handler refuses it.
+    let body = format!(r#"{{"name":"big","engine":"sandbox","pad":"{}"}}"#, "y".repeat(2_000_000));
+    let head = format!(
+        "POST /v1/sessions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(body.as_bytes()).await.expect("the gateway reads the whole body");
+    let first = read_response(&mut s).await;
+    assert!(first.starts_with("HTTP/1.1 413"), "{first}");
+    assert!(first.contains("PAYLOAD_TOO_LARGE"), "{first}");
+    s.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes()).await.expect("connection still open");
+    let second = read_response(&mut s).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "the same connection answers the next request: {second:?}");
+}
+
+/// One HTTP/1.1 answer with a Content-Length or chunked body, read off a keep-alive connection.
+async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut chunk)).await.expect("answer within 20 s").unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some((head, rest)) = text.split_once("\r\n\r\n") {
+            let lower = head.to_ascii_lowercase();
+            let length = lower.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|n| rest.len() >= n) || (lower.contains("chunked") && rest.ends_with("0\r\n\r\n")) {
+                break;
+            }
+        }
+    }
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
 // ---- session names are DNS labels on every way in ----------------------------------------
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
