@@ -104,15 +104,20 @@ async fn s3_operator_killed_mid_reconcile_converges_without_two_pods() {
     let mut stack = Stack::start(StackConfig::default()).await.expect("starting the stack");
     let census = PodWatch::start(stack.client(), stack.namespace()).await.expect("watching pods");
     let result = within(Duration::from_secs(240), async {
-        // Creation: killed as soon as the first pod exists.
+        // Creation: killed as soon as the first pod exists, while kubectl is still creating
+        // the sessions (waiting for kubectl first let a fast operator finish 37 of 40 pods
+        // before the first look, and sometimes all 40).
         step("creating the fleet");
-        stack.kubectl().apply(&fleet_manifest(false), &[]).await?;
+        let kubectl = stack.kubectl().clone();
+        let manifest = fleet_manifest(false);
+        let applying = tokio::spawn(async move { kubectl.apply(&manifest, &[]).await });
         let first = wait_until(Duration::from_secs(60), "the operator's first pod", || async {
             let pods = list_pods(&stack).await.ok()?;
             (!pods.is_empty()).then_some(pods.len())
         })
         .await?;
         stack.operators[0].kill().await;
+        applying.await.context("kubectl apply task")??;
         let at_kill = list_pods(&stack).await?.len();
         step(&format!("creation: killed the operator with {first}..{at_kill} of {FLEET} pods created"));
         ensure!(at_kill < FLEET, "the kill came after the work was done ({at_kill} pods): not mid-reconcile");
@@ -120,15 +125,18 @@ async fn s3_operator_killed_mid_reconcile_converges_without_two_pods() {
         converged(&stack, false).await?;
         step("converged after the restart");
 
-        // Roll: killed as soon as the first old pod is being deleted.
+        // Roll: killed as soon as the first old pod is being deleted, kubectl still applying.
         step("rolling the fleet");
-        stack.kubectl().apply(&fleet_manifest(true), &[]).await?;
+        let kubectl = stack.kubectl().clone();
+        let manifest = fleet_manifest(true);
+        let applying = tokio::spawn(async move { kubectl.apply(&manifest, &[]).await });
         wait_until(Duration::from_secs(60), "the operator to start rolling", || async {
             let pods = list_pods(&stack).await.ok()?;
             pods.iter().any(|p| p.metadata.deletion_timestamp.is_some() || has_rolled(p) || pods.len() < FLEET).then_some(())
         })
         .await?;
         stack.operators[0].kill().await;
+        applying.await.context("kubectl apply task")??;
         let pods = list_pods(&stack).await?;
         let rolled = pods.iter().filter(|p| has_rolled(p)).count();
         step(&format!("roll: killed the operator with {rolled} of {FLEET} pods rolled, {} pods exist", pods.len()));
