@@ -8,7 +8,7 @@
 //! embedded elsewhere in a string is not (see tests/README.md).
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -285,6 +285,12 @@ impl MountMap {
     }
 
     fn rewrite_path(&self, value: &str) -> Option<String> {
+        // A path that already exists on this machine is one the harness put into the spec (a
+        // test fixture, a binary: what an image would hold), not a place in a volume; a clone
+        // below /tmp must not have its own files mapped into a pod's /tmp.
+        if self.0.iter().all(|(mount, _)| value != mount) && Path::new(value).exists() {
+            return None;
+        }
         for (mount, host) in &self.0 {
             if value == mount {
                 return Some(host.display().to_string());
@@ -421,6 +427,20 @@ mod tests {
             ("/database", "/database"),
             ("x/data", "x/data"),
             ("127.0.0.7:8080", "127.0.0.7:8080"),
+        ];
+        for (input, expected) in cases {
+            assert_eq!(mounts.rewrite(input), expected, "{input}");
+        }
+        // Files that exist on this machine stay where they are, even below a mount path.
+        let crate_dir = env!("CARGO_MANIFEST_DIR");
+        let parent = Path::new(crate_dir).parent().unwrap().display().to_string();
+        let mounts = MountMap::new(vec![(parent.clone(), "/host/pvc-2".into())]);
+        let manifest = format!("{crate_dir}/Cargo.toml");
+        let missing = format!("{parent}/no-such-file");
+        let cases = [
+            (manifest.as_str(), manifest.as_str()),
+            (parent.as_str(), "/host/pvc-2"),
+            (missing.as_str(), "/host/pvc-2/no-such-file"),
         ];
         for (input, expected) in cases {
             assert_eq!(mounts.rewrite(input), expected, "{input}");
