@@ -58,14 +58,8 @@ WA_ADMIN_KEY=$KEY WA_GATEWAY_LOG=warn valgrind --tool=callgrind --trace-children
   "${RECEIPT_ENV[@]}" --session-env WA_LOG=warn >"$OUT/gateway.out" 2>"$OUT/gateway.err" &
 GW_PID=$!
 GW="http://127.0.0.1:$GW_PORT"
-for _ in $(seq 1 600); do curl -sf "$GW/healthz" >/dev/null && break; sleep 0.2; done
-api() { curl -sf -H "Authorization: Bearer $KEY" -H 'content-type: application/json' "$@"; }
-api -X POST "$GW/v1/sessions" -d '{"name":"bench","engine":"sandbox"}' >/dev/null
-for _ in $(seq 1 300); do api "$GW/v1/sessions/bench" | grep -q '"phase":"AwaitingScan","ready":true' && break; sleep 0.2; done
-api -X POST "$GW/v1/sessions/bench/sandbox/scan" >/dev/null
-for _ in $(seq 1 300); do api "$GW/v1/sessions/bench" | grep -q '"phase":"Connected"' && break; sleep 0.2; done
-SEND_KEY=$(api -X POST "$GW/v1/keys" -d '{"name":"bench","permissions":["send"],"sessions":["bench"]}' \
-  | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+. bench/gateway/session.sh
+connect_bench_session 60
 
 total() { # instructions counted since the last zeroing: dump and read the newest file's totals
   rm -f "$OUT"/callgrind.out.*.[0-9]* 2>/dev/null || true

@@ -59,18 +59,8 @@ WA_ADMIN_KEY=$KEY WA_GATEWAY_LOG=warn "$BIN" local --data-dir "$WORK/data" --lis
   --session-env WA_LOG=warn >"$WORK/gateway.out" 2>"$WORK/gateway.err" &
 GW_PID=$!
 GW="http://127.0.0.1:$GW_PORT"
-for _ in $(seq 1 100); do curl -sf "$GW/healthz" >/dev/null && break; sleep 0.1; done
-
-api() { curl -sf -H "Authorization: Bearer $KEY" -H 'content-type: application/json' "$@"; }
-api -X POST "$GW/v1/sessions" -d '{"name":"bench","engine":"sandbox"}' >/dev/null
-for _ in $(seq 1 100); do api "$GW/v1/sessions/bench" | grep -q '"phase":"AwaitingScan","ready":true' && break; sleep 0.1; done
-api -X POST "$GW/v1/sessions/bench/sandbox/scan" >/dev/null
-for _ in $(seq 1 100); do api "$GW/v1/sessions/bench" | grep -q '"phase":"Connected"' && break; sleep 0.1; done
-
-# Send with a stored API key scoped to the session, as a client would (not the admin key
-# from the environment): the gateway verifies it like any key.
-SEND_KEY=$(api -X POST "$GW/v1/keys" -d '{"name":"bench","permissions":["send"],"sessions":["bench"]}' \
-  | python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+. bench/gateway/session.sh
+connect_bench_session 10
 
 # The pod's address and token, from its environment (the same user started it).
 POD_PID=$(cat "$WORK/data/run/bench.pid")

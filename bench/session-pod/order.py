@@ -116,19 +116,7 @@ def run_whatsapp(binary, emulator, out, sends):
     try:
         pod = wa.Pod(binary, emu.ws_url, emu.media_url, RATE)
         try:
-            qr = {}
-
-            def have_qr():
-                code, body = pod.get("/v1/qr", accept="application/json")
-                if code == 200:
-                    qr["code"] = body["code"]
-                    return True
-                return False
-
-            pod.wait(have_qr, 120, "QR code")
-            code, body = emu.post("/scan", {"qr": qr["code"], "phone": wa.OWN, "pushName": "Order"})
-            assert code == 200, body
-            pod.wait(lambda: pod.phase() == "Connected", 120, "Connected")
+            pod.pair(emu, timeout=120)
             time.sleep(10)
             for path in ("/v1/status", "/metrics", "/readyz", "/healthz"):
                 pod.get(path)

@@ -140,6 +140,22 @@ class Pod:
             time.sleep(0.05)
         raise RuntimeError(f"{what}: timed out; log:\n{open(self.log.name).read()}")
 
+    def pair(self, emu, timeout):
+        """Scans the pod's current QR code with the emulator's phone for OWN; waits for Connected."""
+        qr = {}
+
+        def have_qr():
+            code, body = self.get("/v1/qr", accept="application/json")
+            if code == 200:
+                qr["code"] = body["code"]
+                return True
+            return False
+
+        self.wait(have_qr, timeout, "QR code")
+        code, body = emu.post("/scan", {"qr": qr["code"], "phone": OWN, "pushName": "Bench"})
+        assert code == 200, body
+        self.wait(lambda: self.phase() == "Connected", timeout, "Connected")
+
     def phase(self):
         return self.get("/v1/status")[1]["phase"]
 
@@ -203,19 +219,7 @@ def main():
         # 2. Connected and idle.
         rate = ["--rate-per-minute", "1000000", "--rate-burst", "100000"]
         pod = Pod(args.bin, emu.ws_url, emu.media_url, rate)
-        qr = {}
-
-        def have_qr():
-            code, body = pod.get("/v1/qr", accept="application/json")
-            if code == 200:
-                qr["code"] = body["code"]
-                return True
-            return False
-
-        pod.wait(have_qr, 30, "QR code")
-        code, body = emu.post("/scan", {"qr": qr["code"], "phone": OWN, "pushName": "Bench"})
-        assert code == 200, body
-        pod.wait(lambda: pod.phase() == "Connected", 30, "Connected")
+        pod.pair(emu, timeout=30)
         time.sleep(args.settle)
         rows.append(pod.reading("connected, idle"))
 

@@ -103,13 +103,18 @@ mod tests {
         (Body::from_stream(stream), read)
     }
 
-    #[tokio::test]
-    async fn the_rest_of_a_refused_body_is_read_before_the_answer() {
-        let app = Router::new().route("/", post(refuse)).layer(axum::middleware::from_fn(drain_refused_bodies));
+    /// Sends a body of 100 chunks to `handler` behind the layer: the answer's status, and how
+    /// many chunks were read by the time it came.
+    async fn through_the_layer<H: axum::handler::Handler<T, ()>, T: 'static>(handler: H) -> (StatusCode, usize) {
+        let app = Router::new().route("/", post(handler)).layer(axum::middleware::from_fn(drain_refused_bodies));
         let (body, read) = chunked(100);
         let resp = app.oneshot(Request::post("/").body(body).unwrap()).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 100, "every chunk was read");
+        (resp.status(), read.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn the_rest_of_a_refused_body_is_read_before_the_answer() {
+        assert_eq!(through_the_layer(refuse).await, (StatusCode::PAYLOAD_TOO_LARGE, 100), "every chunk was read");
     }
 
     #[tokio::test]
@@ -119,11 +124,7 @@ mod tests {
             let _ = body.frame().await;
             StatusCode::OK
         }
-        let app = Router::new().route("/", post(ok)).layer(axum::middleware::from_fn(drain_refused_bodies));
-        let (body, read) = chunked(100);
-        let resp = app.oneshot(Request::post("/").body(body).unwrap()).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        assert_eq!(read.load(std::sync::atomic::Ordering::SeqCst), 1, "only what the handler read");
+        assert_eq!(through_the_layer(ok).await, (StatusCode::OK, 1), "only what the handler read");
     }
 
     #[tokio::test]
