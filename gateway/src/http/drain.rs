@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_LENGTH;
 use axum::middleware::Next;
 use axum::response::Response;
 use bytes::Bytes;
@@ -25,6 +26,12 @@ const DRAIN_AT_MOST: u64 = 16 * 1024 * 1024;
 const DRAIN_FOR_AT_MOST: Duration = Duration::from_secs(2);
 
 pub async fn drain_refused_bodies(req: Request, next: Next) -> Response {
+    // No route takes less than SMALL_BODY, so a body known to be no larger is never refused
+    // for its size; most requests (every text send) skip the shared slot.
+    let length = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if length.is_some_and(|n| n <= super::SMALL_BODY as u64) {
+        return next.run(req).await;
+    }
     let (parts, body) = req.into_parts();
     let slot = Arc::new(Mutex::new(Some(body)));
     let req = Request::from_parts(parts, Body::new(SharedBody(slot.clone())));
