@@ -533,6 +533,18 @@ impl MessageStatus {
     }
 }
 
+/// Sent messages a session pod remembers for `GET /v1/messages/{id}`, oldest forgotten first
+/// (the gateway keeps the full history).
+pub const MESSAGE_LOG_ENTRIES: usize = 10_000;
+/// `Idempotency-Key`s a session pod remembers, oldest forgotten first (the gateway retries
+/// within minutes, not days).
+pub const IDEMPOTENCY_KEYS: usize = 10_000;
+/// What those two tables hold in memory when full, at most, MiB: the budget the session pod's
+/// test `table_memory` holds them to (measured 5.96 MiB: 2.43 for the log, 3.53 for the keys).
+/// A pod that has sent more messages than the tables hold stops growing; the soak (`wa-soak`)
+/// derives the memory growth it allows a pod from this.
+pub const FULL_TABLES_MIB: f64 = 6.5;
+
 /// `POST /v1/messages` answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -2,8 +2,8 @@
 //!
 //! The gateway forwards each send with its own message id as the key and retries on any
 //! doubt, so the pod must answer a repeated key with the first answer and never send twice,
-//! also across a restart of the pod. Keys live in `<data-dir>/idempotency/keys.jsonl`, an
-//! append-only log of records:
+//! also across a restart of the pod. Keys live in `<data-dir>/idempotency/`, an append-only
+//! log of records:
 //!
 //! - `pending` is synced *before* the engine is asked to send;
 //! - `sent` (with the answer) after WhatsApp accepted the message;
@@ -12,8 +12,16 @@
 //! A key whose last record is `pending` was in flight when the process stopped: it may or may
 //! not have left, so it is answered as [`Outcome::Unknown`] and never sent again. The same
 //! holds for a send cut off inside this process once the engine had it (the task was dropped
-//! at shutdown, or the engine timed out): see [`ClaimGuard::handed_to_engine`]. The log keeps
-//! the most recent `max_keys` keys and is rewritten when it grows past twice that.
+//! at shutdown, or the engine timed out): see [`ClaimGuard::handed_to_engine`].
+//!
+//! The most recent `max_keys` keys are remembered. The log is split into segment files
+//! (`keys.<n>.jsonl`, read in order of `n`; `keys.jsonl`, the single file of earlier versions,
+//! counts as segment 0), a new one started every `max_keys` records. The oldest segment is
+//! deleted once no remembered key's latest record is in it, so the log is never rewritten
+//! while sends wait: a full rewrite of 10,000 keys on every 10,000th send, in every session at
+//! once under even load, was a stall of the whole node (see RELIABILITY.md). Only a key held
+//! far longer than the rest (a send stuck in flight) keeps an old segment alive; past
+//! [`MAX_CLOSED_SEGMENTS`] its record is copied forward and the segment deleted.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
@@ -25,6 +33,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use wa_api::pod::{Content, OutgoingMessage, SendResponse};
+
+/// Closed segments kept on disk before the oldest one's remembered keys are copied forward.
+/// Under steady use the remembered keys span two or three segments.
+const MAX_CLOSED_SEGMENTS: usize = 8;
 
 /// What the first request with a key ended in, as far as later requests need to know.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,8 +62,28 @@ pub enum Claim {
 }
 
 /// A request's fingerprint: SHA-256 over what is sent, so the same send in JSON or multipart
-/// form (or with re-ordered JSON fields) is recognised as the same request.
-pub fn fingerprint(msg: &OutgoingMessage) -> String {
+/// form (or with re-ordered JSON fields) is recognised as the same request. Written to the
+/// log in hex.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint([u8; 32]);
+
+impl Serialize for Fingerprint {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Fingerprint {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s.as_bytes(), &mut out).map_err(serde::de::Error::custom)?;
+        Ok(Self(out))
+    }
+}
+
+/// The [`Fingerprint`] of a send.
+pub fn fingerprint(msg: &OutgoingMessage) -> Fingerprint {
     let mut h = Sha256::new();
     let mut field = |tag: &str, v: &[u8]| {
         h.update(tag.as_bytes());
@@ -70,7 +102,7 @@ pub fn fingerprint(msg: &OutgoingMessage) -> String {
             field("caption", m.caption.as_deref().unwrap_or("").as_bytes());
         }
     }
-    hex::encode(h.finalize())
+    Fingerprint(h.finalize().into())
 }
 
 /// Cheap to clone (a handle); the file work of `claim` is meant for `spawn_blocking`.
@@ -82,29 +114,67 @@ pub struct IdempotencyStore {
 struct Keys {
     dir: PathBuf,
     max_keys: usize,
+    /// The segment being appended to (the last of `segments`) and its record count.
     file: File,
-    records: usize,
-    entries: HashMap<String, Entry>,
+    active_records: usize,
+    /// Segments on disk, oldest first.
+    segments: VecDeque<Segment>,
+    /// 10,000 of these stay in memory: the key is shared with `order`, the answer boxed.
+    entries: HashMap<Arc<str>, Entry>,
     /// Keys in first-use order, for eviction.
-    order: VecDeque<String>,
+    order: VecDeque<Arc<str>>,
+}
+
+struct Segment {
+    number: u64,
+    /// Remembered keys whose latest record is in this segment.
+    live: usize,
 }
 
 #[derive(Debug)]
 struct Entry {
-    fingerprint: String,
+    fingerprint: Fingerprint,
+    /// The segment holding this key's latest record.
+    segment: u64,
     state: State,
 }
 
 #[derive(Debug)]
 enum State {
     InFlight(watch::Sender<Option<Outcome>>),
-    Done(Outcome),
+    Sent(Box<SendResponse>),
+    Unknown,
+}
+
+impl State {
+    fn outcome(&self) -> Option<Outcome> {
+        match self {
+            State::InFlight(_) => None,
+            State::Sent(r) => Some(Outcome::Sent((**r).clone())),
+            State::Unknown => Some(Outcome::Unknown),
+        }
+    }
+
+    fn done(outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Sent(r) => State::Sent(Box::new(r)),
+            Outcome::Unknown => State::Unknown,
+        }
+    }
+
+    /// The record that restores this state after a restart (in flight reads back as unknown).
+    fn record(&self) -> RecordKind {
+        match self {
+            State::Sent(r) => RecordKind::Sent((**r).clone()),
+            State::InFlight(_) | State::Unknown => RecordKind::Pending,
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize)]
 struct Record {
     k: String,
-    f: String,
+    f: Fingerprint,
     #[serde(flatten)]
     what: RecordKind,
 }
@@ -122,80 +192,106 @@ enum RecordKind {
 /// unless the message was already [handed to the engine](Self::handed_to_engine): then the
 /// outcome is unknown and the key is never sent again.
 pub struct ClaimGuard {
-    key: String,
-    fingerprint: String,
+    key: Arc<str>,
+    fingerprint: Fingerprint,
     store: Option<Arc<Mutex<Keys>>>,
     in_engine: bool,
+}
+
+fn segment_name(number: u64) -> String {
+    if number == 0 {
+        "keys.jsonl".to_owned()
+    } else {
+        format!("keys.{number}.jsonl")
+    }
+}
+
+fn segment_number(name: &str) -> Option<u64> {
+    if name == "keys.jsonl" {
+        return Some(0);
+    }
+    let n = name.strip_prefix("keys.")?.strip_suffix(".jsonl")?;
+    // Only the names this module writes: no sign, no leading zero.
+    if n.starts_with('0') || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok().filter(|n| *n > 0)
 }
 
 impl IdempotencyStore {
     pub fn open(dir: &Path, max_keys: usize) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
-        let path = dir.join("keys.jsonl");
-        let mut entries: HashMap<String, Entry> = HashMap::new();
-        let mut order = VecDeque::new();
-        let mut records = 0;
-        let contents = match fs::read(&path) {
-            Ok(c) => c,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(e),
-        };
-        // Cut a torn last line (crash mid-write) so the next record does not glue onto it.
-        let complete = contents
-            .iter()
-            .rposition(|b| *b == b'\n')
-            .map_or(0, |i| i + 1);
-        if complete < contents.len() {
-            OpenOptions::new()
-                .write(true)
-                .open(&path)?
-                .set_len(complete as u64)?;
+        let mut numbers = Vec::new();
+        for entry in fs::read_dir(dir)? {
+            let name = entry?.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if let Some(n) = segment_number(name) {
+                numbers.push(n);
+            } else if name == ".keys.jsonl.tmp" {
+                // Left by the rewrite of earlier versions, cut off before its rename.
+                fs::remove_file(dir.join(name))?;
+            }
         }
-        {
-            for line in contents[..complete]
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-            {
-                // Garbage (disk corruption) is skipped rather than refusing to start.
+        numbers.sort_unstable();
+        let mut entries: HashMap<Arc<str>, Entry> = HashMap::new();
+        let mut order = VecDeque::new();
+        for &number in &numbers {
+            let contents = fs::read(dir.join(segment_name(number)))?;
+            // A torn last line (crash mid-write) or garbage (disk corruption) is skipped
+            // rather than refusing to start; no segment is appended to after a restart.
+            for line in contents.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
                 let Ok(r) = serde_json::from_slice::<Record>(line) else {
                     continue;
                 };
-                records += 1;
-                match r.what {
+                let state = match r.what {
                     RecordKind::Released => {
-                        entries.remove(&r.k);
+                        entries.remove(r.k.as_str());
+                        continue;
                     }
-                    RecordKind::Pending | RecordKind::Sent(_) => {
-                        let outcome = match r.what {
-                            RecordKind::Sent(resp) => Outcome::Sent(resp),
-                            _ => Outcome::Unknown,
-                        };
-                        if !entries.contains_key(&r.k) {
-                            order.push_back(r.k.clone());
-                        }
-                        entries.insert(
-                            r.k,
-                            Entry {
-                                fingerprint: r.f,
-                                state: State::Done(outcome),
-                            },
-                        );
+                    RecordKind::Sent(resp) => State::Sent(Box::new(resp)),
+                    RecordKind::Pending => State::Unknown,
+                };
+                let entry = Entry {
+                    fingerprint: r.f,
+                    segment: number,
+                    state,
+                };
+                match entries.get_mut(r.k.as_str()) {
+                    Some(e) => *e = entry,
+                    None => {
+                        let key: Arc<str> = Arc::from(r.k);
+                        order.push_back(key.clone());
+                        entries.insert(key, entry);
                     }
                 }
             }
         }
         order.retain(|k| entries.contains_key(k));
-        let file = OpenOptions::new().create(true).append(true).open(&path)?;
+        let mut segments: VecDeque<Segment> = numbers
+            .iter()
+            .map(|&number| Segment { number, live: 0 })
+            .collect();
+        let active = numbers.last().map_or(1, |n| n + 1);
+        segments.push_back(Segment {
+            number: active,
+            live: 0,
+        });
+        let file = create_segment(dir, active)?;
         let mut keys = Keys {
             dir: dir.to_owned(),
             max_keys: max_keys.max(1),
             file,
-            records,
+            active_records: 0,
+            segments,
             entries,
             order,
         };
         keys.evict();
-        keys.compact_if_needed()?;
+        let latest: Vec<u64> = keys.entries.values().map(|e| e.segment).collect();
+        for segment in latest {
+            keys.add_live(segment);
+        }
+        keys.drop_old_segments()?;
         Ok(Self {
             inner: Arc::new(Mutex::new(keys)),
         })
@@ -203,35 +299,41 @@ impl IdempotencyStore {
 
     /// Claims `key` for a request with `fingerprint`. For a new key the `pending` record is on
     /// disk before this returns.
-    pub fn claim(&self, key: &str, fingerprint: &str) -> io::Result<Claim> {
+    pub fn claim(&self, key: &str, fingerprint: &Fingerprint) -> io::Result<Claim> {
         let mut k = lock(&self.inner);
         if let Some(e) = k.entries.get(key) {
-            if e.fingerprint != fingerprint {
+            if e.fingerprint != *fingerprint {
                 return Ok(Claim::Conflict);
             }
             return Ok(match &e.state {
-                State::Done(o) => Claim::Replay(o.clone()),
                 State::InFlight(tx) => Claim::Wait(tx.subscribe()),
+                done => Claim::Replay(done.outcome().expect("a finished state has an outcome")),
             });
         }
-        k.write(&Record {
+        let segment = k.write(&Record {
             k: key.to_owned(),
-            f: fingerprint.to_owned(),
+            f: *fingerprint,
             what: RecordKind::Pending,
         })?;
         let (tx, _) = watch::channel(None);
+        let key: Arc<str> = Arc::from(key);
         k.entries.insert(
-            key.to_owned(),
+            key.clone(),
             Entry {
-                fingerprint: fingerprint.to_owned(),
+                fingerprint: *fingerprint,
+                segment,
                 state: State::InFlight(tx),
             },
         );
-        k.order.push_back(key.to_owned());
+        k.add_live(segment);
+        k.order.push_back(key.clone());
         k.evict();
+        if let Err(e) = k.drop_old_segments() {
+            tracing::warn!(error = %e, "idempotency: cannot remove an old log segment");
+        }
         Ok(Claim::New(ClaimGuard {
-            key: key.to_owned(),
-            fingerprint: fingerprint.to_owned(),
+            key,
+            fingerprint: *fingerprint,
             store: Some(self.inner.clone()),
             in_engine: false,
         }))
@@ -269,26 +371,36 @@ impl ClaimGuard {
             return;
         };
         let mut k = lock(&store);
+        let mut written = None;
         if let Outcome::Sent(resp) = &outcome {
             let record = Record {
-                k: self.key.clone(),
-                f: self.fingerprint.clone(),
+                k: self.key.to_string(),
+                f: self.fingerprint,
                 what: RecordKind::Sent(resp.clone()),
             };
-            if let Err(e) = k.write(&record) {
+            match k.write(&record) {
+                Ok(segment) => written = Some(segment),
                 // The `pending` record is on disk, so after a restart this key answers
                 // "unknown" rather than sending again; in this process the answer is kept.
-                tracing::error!(error = %e, "idempotency: cannot record a sent message");
+                Err(e) => tracing::error!(error = %e, "idempotency: cannot record a sent message"),
             }
         }
+        let mut moved = None;
         if let Some(entry) = k.entries.get_mut(&self.key) {
             if let State::InFlight(tx) = &entry.state {
                 tx.send_replace(Some(outcome.clone()));
             }
-            entry.state = State::Done(outcome);
+            entry.state = State::done(outcome);
+            if let Some(segment) = written {
+                moved = Some((std::mem::replace(&mut entry.segment, segment), segment));
+            }
         }
-        if let Err(e) = k.compact_if_needed() {
-            tracing::warn!(error = %e, "idempotency: compaction failed");
+        if let Some((from, to)) = moved {
+            k.remove_live(from);
+            k.add_live(to);
+        }
+        if let Err(e) = k.drop_old_segments() {
+            tracing::warn!(error = %e, "idempotency: cannot remove an old log segment");
         }
     }
 }
@@ -314,32 +426,71 @@ impl Drop for ClaimGuard {
                 if let State::InFlight(tx) = &entry.state {
                     tx.send_replace(Some(Outcome::Unknown));
                 }
-                entry.state = State::Done(Outcome::Unknown);
+                entry.state = State::Unknown;
             }
             return;
         }
         let record = Record {
-            k: self.key.clone(),
-            f: self.fingerprint.clone(),
+            k: self.key.to_string(),
+            f: self.fingerprint,
             what: RecordKind::Released,
         };
         if let Err(e) = k.write(&record) {
             tracing::error!(error = %e, "idempotency: cannot release a key; a retry after restart will answer unknown");
         }
         // Dropping the sender wakes waiters with "no outcome": they claim again.
-        k.entries.remove(&self.key);
+        if let Some(e) = k.entries.remove(&self.key) {
+            k.remove_live(e.segment);
+        }
         k.order.retain(|x| x != &self.key);
     }
 }
 
 impl Keys {
-    fn write(&mut self, r: &Record) -> io::Result<()> {
+    /// Appends and syncs a record, starting a new segment first if the active one is full;
+    /// returns the segment it went to.
+    fn write(&mut self, r: &Record) -> io::Result<u64> {
+        if self.active_records >= self.max_keys {
+            self.start_segment()?;
+        }
         let mut line = serde_json::to_vec(r).map_err(io::Error::other)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
         self.file.sync_data()?;
-        self.records += 1;
+        self.active_records += 1;
+        Ok(self.active())
+    }
+
+    fn active(&self) -> u64 {
+        self.segments.back().expect("the active segment").number
+    }
+
+    fn start_segment(&mut self) -> io::Result<()> {
+        let number = self.active() + 1;
+        self.file = create_segment(&self.dir, number)?;
+        self.segments.push_back(Segment { number, live: 0 });
+        self.active_records = 0;
         Ok(())
+    }
+
+    fn segment_mut(&mut self, number: u64) -> Option<&mut Segment> {
+        let i = self
+            .segments
+            .binary_search_by_key(&number, |s| s.number)
+            .ok()?;
+        self.segments.get_mut(i)
+    }
+
+    fn add_live(&mut self, number: u64) {
+        if let Some(s) = self.segment_mut(number) {
+            s.live += 1;
+        }
+    }
+
+    fn remove_live(&mut self, number: u64) {
+        if let Some(s) = self.segment_mut(number) {
+            s.live = s.live.saturating_sub(1);
+        }
     }
 
     /// Forgets the oldest finished keys beyond the bound (in-flight ones stay).
@@ -357,45 +508,82 @@ impl Keys {
                 scanned += 1;
                 continue;
             }
-            self.entries.remove(&key);
+            if let Some(e) = self.entries.remove(&key) {
+                self.remove_live(e.segment);
+            }
         }
     }
 
-    /// Rewrites the log with one record per remembered key once it has grown past twice the
-    /// bound (tmp file, sync, rename: a crash keeps the old or the new log).
-    fn compact_if_needed(&mut self) -> io::Result<()> {
-        if self.records <= 2 * self.max_keys + 16 {
-            return Ok(());
+    /// Deletes the oldest segments that no remembered key needs, oldest first only (a newer
+    /// segment may hold the `released` record that cancels an older `pending` one). Past
+    /// [`MAX_CLOSED_SEGMENTS`] the oldest segment's remembered keys are written again to the
+    /// active segment first.
+    fn drop_old_segments(&mut self) -> io::Result<()> {
+        while self.segments.len() > 1 {
+            let oldest = &self.segments[0];
+            if oldest.live > 0 {
+                if self.segments.len() - 1 <= MAX_CLOSED_SEGMENTS {
+                    return Ok(());
+                }
+                self.carry_forward(oldest.number)?;
+            }
+            let number = self.segments[0].number;
+            match fs::remove_file(self.dir.join(segment_name(number))) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            self.segments.pop_front();
         }
+        Ok(())
+    }
+
+    /// Writes the latest record of every remembered key held by segment `number` to the active
+    /// segment (one write, one sync).
+    fn carry_forward(&mut self, number: u64) -> io::Result<()> {
         let mut buf = Vec::new();
-        let mut count = 0;
+        let mut moved = 0;
         for key in &self.order {
             let Some(e) = self.entries.get(key) else {
                 continue;
             };
-            let what = match &e.state {
-                State::Done(Outcome::Sent(r)) => RecordKind::Sent(r.clone()),
-                State::Done(Outcome::Unknown) | State::InFlight(_) => RecordKind::Pending,
+            if e.segment != number {
+                continue;
+            }
+            let record = Record {
+                k: key.to_string(),
+                f: e.fingerprint,
+                what: e.state.record(),
             };
-            serde_json::to_writer(
-                &mut buf,
-                &Record {
-                    k: key.clone(),
-                    f: e.fingerprint.clone(),
-                    what,
-                },
-            )
-            .map_err(io::Error::other)?;
+            serde_json::to_writer(&mut buf, &record).map_err(io::Error::other)?;
             buf.push(b'\n');
-            count += 1;
+            moved += 1;
         }
-        crate::outbox::write_atomically(&self.dir, "keys.jsonl", &buf)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(self.dir.join("keys.jsonl"))?;
-        self.records = count;
+        self.file.write_all(&buf)?;
+        self.file.sync_data()?;
+        self.active_records += moved;
+        let active = self.active();
+        for e in self.entries.values_mut() {
+            if e.segment == number {
+                e.segment = active;
+            }
+        }
+        self.segments[0].live = 0;
+        if let Some(s) = self.segments.back_mut() {
+            s.live += moved;
+        }
         Ok(())
     }
+}
+
+/// Creates an empty segment and makes its name durable, so records synced into it survive a
+/// crash.
+fn create_segment(dir: &Path, number: u64) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(segment_name(number)))?;
+    File::open(dir)?.sync_all()?;
+    Ok(file)
 }
 
 fn lock(m: &Mutex<Keys>) -> std::sync::MutexGuard<'_, Keys> {
@@ -408,6 +596,10 @@ mod tests {
     use super::*;
     use chrono::Utc;
     use wa_api::pod::{MessageStatus, SendRequest};
+
+    fn fp(s: &str) -> Fingerprint {
+        Fingerprint(Sha256::digest(s.as_bytes()).into())
+    }
 
     fn resp(id: &str) -> SendResponse {
         SendResponse {
@@ -449,22 +641,25 @@ mod tests {
     fn replay_conflict_and_release() {
         let dir = tempfile::tempdir().unwrap();
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-        let Claim::New(g) = s.claim("k1", "f1").unwrap() else {
+        let Claim::New(g) = s.claim("k1", &fp("f1")).unwrap() else {
             panic!("new")
         };
-        assert!(matches!(s.claim("k1", "f1").unwrap(), Claim::Wait(_)));
-        assert!(matches!(s.claim("k1", "f2").unwrap(), Claim::Conflict));
+        assert!(matches!(s.claim("k1", &fp("f1")).unwrap(), Claim::Wait(_)));
+        assert!(matches!(s.claim("k1", &fp("f2")).unwrap(), Claim::Conflict));
         g.finish(Outcome::Sent(resp("m1")));
         assert!(
-            matches!(s.claim("k1", "f1").unwrap(), Claim::Replay(Outcome::Sent(r)) if r.id == "m1")
+            matches!(s.claim("k1", &fp("f1")).unwrap(), Claim::Replay(Outcome::Sent(r)) if r.id == "m1")
         );
-        assert!(matches!(s.claim("k1", "f2").unwrap(), Claim::Conflict));
+        assert!(matches!(s.claim("k1", &fp("f2")).unwrap(), Claim::Conflict));
         // A failed send releases the key: the next claim is new again.
-        let Claim::New(g) = s.claim("k2", "f").unwrap() else {
+        let Claim::New(g) = s.claim("k2", &fp("f")).unwrap() else {
             panic!("new")
         };
         drop(g);
-        assert!(matches!(s.claim("k2", "other").unwrap(), Claim::New(_)));
+        assert!(matches!(
+            s.claim("k2", &fp("other")).unwrap(),
+            Claim::New(_)
+        ));
     }
 
     #[test]
@@ -472,37 +667,49 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-            let Claim::New(mut g) = s.claim("cut", "f").unwrap() else {
+            let Claim::New(mut g) = s.claim("cut", &fp("f")).unwrap() else {
                 panic!("new")
             };
             g.handed_to_engine();
-            let Claim::Wait(rx) = s.claim("cut", "f").unwrap() else {
+            let Claim::Wait(rx) = s.claim("cut", &fp("f")).unwrap() else {
                 panic!("in flight")
             };
             drop(g); // the sender task is dropped at shutdown, mid-send
             assert!(matches!(*rx.borrow(), Some(Outcome::Unknown)));
-            assert!(matches!(s.claim("cut", "f").unwrap(), Claim::Replay(Outcome::Unknown)));
+            assert!(matches!(
+                s.claim("cut", &fp("f")).unwrap(),
+                Claim::Replay(Outcome::Unknown)
+            ));
             // Refused by the engine before anything left: released, as before.
-            let Claim::New(mut g) = s.claim("refused", "f").unwrap() else {
+            let Claim::New(mut g) = s.claim("refused", &fp("f")).unwrap() else {
                 panic!("new")
             };
             g.handed_to_engine();
             g.release();
-            assert!(matches!(s.claim("refused", "f").unwrap(), Claim::New(_)));
+            assert!(matches!(
+                s.claim("refused", &fp("f")).unwrap(),
+                Claim::New(_)
+            ));
         }
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-        assert!(matches!(s.claim("cut", "f").unwrap(), Claim::Replay(Outcome::Unknown)));
-        assert!(matches!(s.claim("refused", "f").unwrap(), Claim::New(_)));
+        assert!(matches!(
+            s.claim("cut", &fp("f")).unwrap(),
+            Claim::Replay(Outcome::Unknown)
+        ));
+        assert!(matches!(
+            s.claim("refused", &fp("f")).unwrap(),
+            Claim::New(_)
+        ));
     }
 
     #[tokio::test]
     async fn waiters_get_the_outcome() {
         let dir = tempfile::tempdir().unwrap();
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-        let Claim::New(g) = s.claim("k", "f").unwrap() else {
+        let Claim::New(g) = s.claim("k", &fp("f")).unwrap() else {
             panic!()
         };
-        let Claim::Wait(mut rx) = s.claim("k", "f").unwrap() else {
+        let Claim::Wait(mut rx) = s.claim("k", &fp("f")).unwrap() else {
             panic!()
         };
         let waiter = tokio::spawn(async move {
@@ -518,55 +725,252 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-            let Claim::New(g) = s.claim("sent", "f").unwrap() else {
+            let Claim::New(g) = s.claim("sent", &fp("f")).unwrap() else {
                 panic!()
             };
             g.finish(Outcome::Sent(resp("m1")));
-            let Claim::New(g) = s.claim("released", "f").unwrap() else {
+            let Claim::New(g) = s.claim("released", &fp("f")).unwrap() else {
                 panic!()
             };
             drop(g);
-            let Claim::New(g) = s.claim("crashed", "f").unwrap() else {
+            let Claim::New(g) = s.claim("crashed", &fp("f")).unwrap() else {
                 panic!()
             };
             std::mem::forget(g); // the process dies mid-send
         }
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
         assert!(
-            matches!(s.claim("sent", "f").unwrap(), Claim::Replay(Outcome::Sent(r)) if r.id == "m1")
+            matches!(s.claim("sent", &fp("f")).unwrap(), Claim::Replay(Outcome::Sent(r)) if r.id == "m1")
         );
         assert!(matches!(
-            s.claim("crashed", "f").unwrap(),
+            s.claim("crashed", &fp("f")).unwrap(),
             Claim::Replay(Outcome::Unknown)
         ));
-        assert!(matches!(s.claim("released", "f").unwrap(), Claim::New(_)));
+        assert!(matches!(
+            s.claim("released", &fp("f")).unwrap(),
+            Claim::New(_)
+        ));
+    }
+
+    /// Every line of every segment file, oldest segment first.
+    fn log_lines(dir: &Path) -> Vec<String> {
+        let mut numbers: Vec<u64> = fs::read_dir(dir)
+            .unwrap()
+            .filter_map(|e| segment_number(e.unwrap().file_name().to_str()?))
+            .collect();
+        numbers.sort_unstable();
+        numbers
+            .iter()
+            .flat_map(|n| {
+                fs::read_to_string(dir.join(segment_name(*n)))
+                    .unwrap()
+                    .lines()
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    fn segment_files(dir: &Path) -> usize {
+        fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| segment_number(e.as_ref().unwrap().file_name().to_str().unwrap()).is_some())
+            .count()
     }
 
     #[test]
-    fn bounded_and_compacted() {
+    fn bounded_on_disk_without_rewriting() {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = IdempotencyStore::open(dir.path(), 5).unwrap();
-            for i in 0..40 {
-                let Claim::New(g) = s.claim(&format!("k{i}"), "f").unwrap() else {
+            for i in 0..400 {
+                let Claim::New(g) = s.claim(&format!("k{i}"), &fp("f")).unwrap() else {
+                    panic!()
+                };
+                g.finish(Outcome::Sent(resp(&format!("m{i}"))));
+                assert_eq!(s.len(), (i + 1).min(5));
+                // The last 5 keys' records span at most 10 records: two full segments of 5,
+                // and the one being written.
+                assert!(
+                    segment_files(dir.path()) <= 4,
+                    "old segments kept at key {i}"
+                );
+            }
+        }
+        // Nothing was copied: every key's records were written once, `pending` then `sent`.
+        let lines = log_lines(dir.path());
+        assert!(lines.len() <= 4 * 5, "{} lines", lines.len());
+        let mut seen = std::collections::HashMap::<String, Vec<String>>::new();
+        for l in &lines {
+            let r: Record = serde_json::from_str(l).unwrap();
+            let kind = match r.what {
+                RecordKind::Pending => "pending",
+                RecordKind::Sent(_) => "sent",
+                RecordKind::Released => "released",
+            };
+            seen.entry(r.k).or_default().push(kind.to_owned());
+        }
+        for (k, kinds) in &seen {
+            assert!(
+                kinds == &["pending", "sent"] || kinds == &["sent"],
+                "{k}: {kinds:?}"
+            );
+        }
+        let s = IdempotencyStore::open(dir.path(), 5).unwrap();
+        assert!(matches!(
+            s.claim("k399", &fp("f")).unwrap(),
+            Claim::Replay(_)
+        ));
+        assert!(matches!(
+            s.claim("k395", &fp("f")).unwrap(),
+            Claim::Replay(_)
+        ));
+        assert!(
+            matches!(s.claim("k0", &fp("f")).unwrap(), Claim::New(_)),
+            "oldest evicted"
+        );
+    }
+
+    #[test]
+    fn a_key_stuck_in_flight_is_carried_forward_and_the_log_stays_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = IdempotencyStore::open(dir.path(), 5).unwrap();
+            let Claim::New(stuck) = s.claim("stuck", &fp("f")).unwrap() else {
+                panic!()
+            };
+            let Claim::New(sent) = s.claim("early", &fp("f")).unwrap() else {
+                panic!()
+            };
+            sent.finish(Outcome::Sent(resp("early")));
+            for i in 0..400 {
+                let Claim::New(g) = s.claim(&format!("k{i}"), &fp("f")).unwrap() else {
+                    panic!()
+                };
+                g.finish(Outcome::Sent(resp(&format!("m{i}"))));
+                assert!(
+                    segment_files(dir.path()) <= MAX_CLOSED_SEGMENTS + 1,
+                    "{} segments at key {i}",
+                    segment_files(dir.path())
+                );
+            }
+            assert!(matches!(
+                s.claim("stuck", &fp("f")).unwrap(),
+                Claim::Wait(_)
+            ));
+            std::mem::forget(stuck); // the process dies with the send still in flight
+        }
+        let s = IdempotencyStore::open(dir.path(), 5).unwrap();
+        assert!(
+            matches!(
+                s.claim("stuck", &fp("f")).unwrap(),
+                Claim::Replay(Outcome::Unknown)
+            ),
+            "the in-flight key survived the deletion of the segment its `pending` record was in"
+        );
+        assert!(
+            matches!(s.claim("early", &fp("f")).unwrap(), Claim::New(_)),
+            "evicted"
+        );
+        assert!(
+            matches!(s.claim("k399", &fp("f")).unwrap(), Claim::Replay(Outcome::Sent(r)) if r.id == "m399")
+        );
+    }
+
+    #[test]
+    fn a_released_key_stays_released_while_its_pending_record_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = IdempotencyStore::open(dir.path(), 3).unwrap();
+            let Claim::New(g) = s.claim("keep", &fp("f")).unwrap() else {
+                panic!()
+            };
+            g.finish(Outcome::Sent(resp("keep")));
+            let Claim::New(g) = s.claim("released", &fp("f")).unwrap() else {
+                panic!()
+            };
+            drop(g);
+            // Fill segments with more releases: the `released` record lands in a newer
+            // segment than its `pending` record.
+            for i in 0..5 {
+                let Claim::New(g) = s.claim(&format!("r{i}"), &fp("f")).unwrap() else {
+                    panic!()
+                };
+                drop(g);
+            }
+        }
+        let s = IdempotencyStore::open(dir.path(), 3).unwrap();
+        assert!(matches!(
+            s.claim("released", &fp("other")).unwrap(),
+            Claim::New(_)
+        ));
+        assert!(
+            matches!(s.claim("keep", &fp("f")).unwrap(), Claim::Replay(Outcome::Sent(r)) if r.id == "keep")
+        );
+    }
+
+    #[test]
+    fn the_single_log_file_of_earlier_versions_is_read_and_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = |k: &str, what: RecordKind| {
+            let mut l = serde_json::to_string(&Record {
+                k: k.into(),
+                f: fp("f"),
+                what,
+            })
+            .unwrap();
+            l.push('\n');
+            l
+        };
+        let mut old = String::new();
+        old += &legacy("sent", RecordKind::Pending);
+        old += &legacy("sent", RecordKind::Sent(resp("m-old")));
+        old += &legacy("cut", RecordKind::Pending);
+        fs::write(dir.path().join("keys.jsonl"), old).unwrap();
+        fs::write(dir.path().join(".keys.jsonl.tmp"), "half a rewrite").unwrap();
+        {
+            let s = IdempotencyStore::open(dir.path(), 2).unwrap();
+            assert!(!dir.path().join(".keys.jsonl.tmp").exists());
+            assert!(
+                matches!(s.claim("sent", &fp("f")).unwrap(), Claim::Replay(Outcome::Sent(r)) if r.id == "m-old")
+            );
+            assert!(matches!(
+                s.claim("cut", &fp("f")).unwrap(),
+                Claim::Replay(Outcome::Unknown)
+            ));
+            for i in 0..6 {
+                let Claim::New(g) = s.claim(&format!("k{i}"), &fp("f")).unwrap() else {
                     panic!()
                 };
                 g.finish(Outcome::Sent(resp(&format!("m{i}"))));
             }
-            assert_eq!(s.len(), 5);
         }
-        let lines = fs::read_to_string(dir.path().join("keys.jsonl"))
-            .unwrap()
-            .lines()
-            .count();
-        assert!(lines <= 2 * 5 + 16 + 2, "log not compacted: {lines} lines");
-        let s = IdempotencyStore::open(dir.path(), 5).unwrap();
-        assert!(matches!(s.claim("k39", "f").unwrap(), Claim::Replay(_)));
-        assert!(matches!(s.claim("k35", "f").unwrap(), Claim::Replay(_)));
         assert!(
-            matches!(s.claim("k0", "f").unwrap(), Claim::New(_)),
-            "oldest evicted"
+            !dir.path().join("keys.jsonl").exists(),
+            "the old file is deleted once none of its keys is remembered"
         );
+        let s = IdempotencyStore::open(dir.path(), 2).unwrap();
+        assert!(matches!(s.claim("k5", &fp("f")).unwrap(), Claim::Replay(_)));
+    }
+
+    #[test]
+    fn segment_names() {
+        assert_eq!(segment_number("keys.jsonl"), Some(0));
+        assert_eq!(segment_number("keys.12.jsonl"), Some(12));
+        for other in [
+            "keys.0.jsonl",
+            "keys.012.jsonl",
+            "keys.-1.jsonl",
+            "keys..jsonl",
+            "keys.1.jsonl.tmp",
+            ".keys.jsonl.tmp",
+            "keys.+1.jsonl",
+        ] {
+            assert_eq!(segment_number(other), None, "{other}");
+        }
+        for n in [0, 1, 12, u64::MAX] {
+            assert_eq!(segment_number(&segment_name(n)), Some(n));
+        }
     }
 
     #[test]
@@ -574,26 +978,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-            let Claim::New(g) = s.claim("a", "f").unwrap() else {
+            let Claim::New(g) = s.claim("a", &fp("f")).unwrap() else {
                 panic!()
             };
             g.finish(Outcome::Sent(resp("m")));
         }
+        let newest = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| segment_number(e.unwrap().file_name().to_str()?))
+            .max()
+            .unwrap();
         let mut f = OpenOptions::new()
             .append(true)
-            .open(dir.path().join("keys.jsonl"))
+            .open(dir.path().join(segment_name(newest)))
             .unwrap();
         f.write_all(b"{\"k\":\"b\",\"f\":").unwrap();
         drop(f);
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-        assert!(matches!(s.claim("a", "f").unwrap(), Claim::Replay(_)));
+        assert!(matches!(s.claim("a", &fp("f")).unwrap(), Claim::Replay(_)));
         // The torn line must not glue onto the next record.
-        let Claim::New(g) = s.claim("c", "f").unwrap() else {
+        let Claim::New(g) = s.claim("c", &fp("f")).unwrap() else {
             panic!()
         };
         g.finish(Outcome::Sent(resp("m2")));
         drop(s);
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-        assert!(matches!(s.claim("c", "f").unwrap(), Claim::Replay(_)));
+        assert!(matches!(s.claim("c", &fp("f")).unwrap(), Claim::Replay(_)));
     }
 }

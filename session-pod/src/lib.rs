@@ -43,10 +43,7 @@ use crate::metrics::Metrics;
 use crate::outbox::EventOutbox;
 use crate::session::{Session, SessionSettings};
 
-/// Sent messages remembered for `GET /v1/messages/{id}`.
-const MESSAGE_LOG: usize = 10_000;
-/// Idempotency keys remembered (the gateway retries within minutes, not days).
-const IDEMPOTENCY_KEYS: usize = 10_000;
+use wa_api::pod::{IDEMPOTENCY_KEYS, MESSAGE_LOG_ENTRIES as MESSAGE_LOG};
 /// Accepted sends waiting for the sender at most.
 const SEND_QUEUE: usize = 1024;
 

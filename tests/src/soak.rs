@@ -83,6 +83,21 @@ impl SoakConfig {
     }
 }
 
+/// Growth of a session process allowed beyond what its bounded tables take.
+pub const POD_SLACK_MIB: f64 = 2.0;
+
+/// The VmRSS growth a session process may show from the end of the warm-up to the end of the
+/// load: the share of its full tables ([`wa_api::pod::FULL_TABLES_MIB`], the message log and
+/// the idempotency keys) that the sends of that interval fill, plus [`POD_SLACK_MIB`]. A pod
+/// that keeps anything per message beyond those bounded tables crosses it once its tables are
+/// full; before that, the tables grow by design.
+pub fn pod_growth_bound(per_session_rate: f64, warmup: Duration, duration: Duration) -> f64 {
+    let capacity = wa_api::pod::MESSAGE_LOG_ENTRIES.max(wa_api::pod::IDEMPOTENCY_KEYS) as f64;
+    let held = |d: Duration| (per_session_rate * d.as_secs_f64()).min(capacity);
+    let filled = (held(duration) - held(warmup)) / capacity;
+    wa_api::pod::FULL_TABLES_MIB * filled + POD_SLACK_MIB
+}
+
 /// Memory of one process, KiB of VmRSS.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Rss {
@@ -931,5 +946,19 @@ mod tests {
         assert!(vm_rss_kib(me).unwrap() > 0);
         assert!(process_cpu(me) >= 0.0);
         assert!(!thread_cpu(me).is_empty());
+    }
+
+    #[test]
+    fn a_pods_bound_follows_how_much_of_its_tables_the_run_fills() {
+        let full = wa_api::pod::FULL_TABLES_MIB;
+        let s = Duration::from_secs;
+        // CI: 10 sends/s per session for 40 s after 15 s of warm-up fill 250 of 10,000 entries.
+        let ci = pod_growth_bound(10.0, s(15), s(40));
+        assert!((ci - (POD_SLACK_MIB + full * 0.025)).abs() < 1e-9, "{ci}");
+        // The documented run: 20/s for 600 s after 60 s; the tables are full after 500 s.
+        let soak = pod_growth_bound(20.0, s(60), s(600));
+        assert!((soak - (POD_SLACK_MIB + full * 0.88)).abs() < 1e-9, "{soak}");
+        // Full before the warm-up ends: only the slack.
+        assert_eq!(pod_growth_bound(1000.0, s(60), s(600)), POD_SLACK_MIB);
     }
 }

@@ -287,8 +287,8 @@ impl Session {
             let fp = fingerprint(&msg);
             loop {
                 // The claim syncs a record to disk; keep that off the runtime thread.
-                let (store, k, f) = (self.idempotency.clone(), key.to_owned(), fp.clone());
-                let claim = tokio::task::spawn_blocking(move || store.claim(&k, &f))
+                let (store, k) = (self.idempotency.clone(), key.to_owned());
+                let claim = tokio::task::spawn_blocking(move || store.claim(&k, &fp))
                     .await
                     .map_err(|e| ApiError::internal("idempotency task", e))?
                     .map_err(|e| ApiError::internal("idempotency store", e))?;

@@ -64,9 +64,11 @@ struct Args {
     /// Gateway VmRSS growth allowed from the end of the warm-up to the end of the load, MiB.
     #[arg(long, default_value_t = 16.0)]
     gateway_growth_mib: f64,
-    /// VmRSS growth allowed per session process over the same interval, MiB.
-    #[arg(long, default_value_t = 4.0)]
-    pod_growth_mib: f64,
+    /// VmRSS growth allowed per session process over the same interval, MiB. By default the
+    /// share of its bounded tables (message log, idempotency keys) the run fills after the
+    /// warm-up, plus 2 MiB.
+    #[arg(long)]
+    pod_growth_mib: Option<f64>,
     /// p99 latency allowed for accepted sends, ms.
     #[arg(long, default_value_t = 250.0)]
     max_p99_ms: f64,
@@ -104,7 +106,13 @@ fn main() -> anyhow::Result<()> {
             min_rate_fraction: args.min_rate_fraction,
             max_error_rate: args.max_error_rate,
             gateway_growth_mib: args.gateway_growth_mib,
-            pod_growth_mib: args.pod_growth_mib,
+            pod_growth_mib: args.pod_growth_mib.unwrap_or_else(|| {
+                soak::pod_growth_bound(
+                    args.rate / args.sessions.max(1) as f64,
+                    Duration::from_secs(args.warmup),
+                    Duration::from_secs(args.duration),
+                )
+            }),
             max_p99_ms: args.max_p99_ms,
         },
     };
