@@ -18,6 +18,7 @@ pub mod delivery;
 pub mod directory;
 pub mod error;
 pub mod http;
+pub mod memory;
 pub mod metrics;
 pub mod model;
 pub mod openapi;

@@ -27,6 +27,7 @@ pub const EXPORTED: &[(&str, &str, &str)] = &[
     ("wa_gateway_http_request_duration_seconds", "histogram", "Time to answer HTTP requests, by route template and method."),
     ("wa_gateway_requests_in_flight", "gauge", "API requests being answered now (the ones the in-flight limit counts)."),
     ("wa_gateway_requests_shed_total", "counter", "API requests refused 503 OVERLOADED because the in-flight limit was reached."),
+    ("wa_gateway_memory_trims_total", "counter", "Times free heap memory was handed back to the system after a backlog of requests drained."),
     ("wa_gateway_outbox_depth", "gauge", "Sends recorded but not yet handed to a session pod."),
     ("wa_gateway_webhook_queue_depth", "gauge", "Webhook deliveries waiting for their next attempt."),
     ("wa_gateway_webhook_deliveries_total", "counter", "Webhook delivery attempts by result (delivered, retried, dead)."),
@@ -72,6 +73,10 @@ pub struct Metrics {
     pub requests_in_flight: AtomicI64,
     /// API requests refused by the in-flight limit.
     pub requests_shed: AtomicU64,
+    /// The most requests in flight since `memory::trim_after_backlog` last looked.
+    pub requests_in_flight_peak: AtomicI64,
+    /// Free memory handed back after a backlog (`memory`).
+    pub memory_trims: AtomicU64,
     pub outbox_depth: AtomicI64,
     pub webhook_queue_depth: AtomicI64,
     webhook_results: [AtomicU64; 3],
@@ -216,6 +221,8 @@ impl Metrics {
         let _ = writeln!(out, "wa_gateway_requests_in_flight {}", self.requests_in_flight.load(Ordering::Relaxed));
         help(&mut out, "wa_gateway_requests_shed_total");
         let _ = writeln!(out, "wa_gateway_requests_shed_total {}", self.requests_shed.load(Ordering::Relaxed));
+        help(&mut out, "wa_gateway_memory_trims_total");
+        let _ = writeln!(out, "wa_gateway_memory_trims_total {}", self.memory_trims.load(Ordering::Relaxed));
         help(&mut out, "wa_gateway_outbox_depth");
         let _ = writeln!(out, "wa_gateway_outbox_depth {}", self.outbox_depth.load(Ordering::Relaxed));
         help(&mut out, "wa_gateway_webhook_queue_depth");

@@ -173,6 +173,7 @@ pub fn start_workers(gw: &AppState, scrape_interval: Duration, shutdown: &Cancel
     let mut handles = vec![
         tokio::spawn(crate::outbox::run(gw.clone(), shutdown.clone())),
         tokio::spawn(crate::delivery::run(gw.clone(), webhook_http, shutdown.clone())),
+        tokio::spawn(crate::memory::trim_after_backlog(gw.metrics.clone(), gw.settings.max_in_flight, shutdown.clone())),
         tokio::spawn(crate::metrics::run_collector(
             gw.metrics.clone(),
             gw.directory.clone(),

@@ -61,7 +61,8 @@ pub async fn limit(State(admission): State<Admission>, req: Request, next: Next)
             error.into_response()
         };
     };
-    admission.metrics.requests_in_flight.fetch_add(1, Ordering::Relaxed);
+    let in_flight = admission.metrics.requests_in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    admission.metrics.requests_in_flight_peak.fetch_max(in_flight, Ordering::Relaxed);
     let _admitted = Admitted { _permit: permit, metrics: admission.metrics.clone() };
     next.run(req).await
 }

@@ -91,6 +91,16 @@ async fn past_the_limit(kind: DbKind) {
         gw.wait_message(id, "read", |m| m["status"] == "read").await;
     }
     assert_eq!(gw.metric("wa_gateway_requests_in_flight").await, Some(0.0));
+    // The backlog (the limit reached, then drained) hands its memory back, once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while gw.metric("wa_gateway_memory_trims_total").await != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no memory trim after the backlog: {:?}",
+            gw.metric("wa_gateway_memory_trims_total").await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // A refused send retried later is sent, once.
     let resp = send("shed-0".into(), 100).await.unwrap();
