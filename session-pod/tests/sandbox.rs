@@ -124,9 +124,9 @@ async fn pair_by_scan_send_and_receive_events_then_restart_stays_paired() {
             .send()
             .await
             .unwrap();
-        if answer.status() == 503 {
+        if answer.status() == 409 {
             // Between an expired code and its successor (a busy machine widens the gap) the
-            // route answers QR_NOT_AVAILABLE with Retry-After, as documented.
+            // route answers 409 QR_NOT_AVAILABLE with Retry-After, as documented.
             let body: wa_api::ErrorBody = answer.json().await.unwrap();
             assert_eq!(body.error.code, wa_api::ErrorCode::QrNotAvailable, "{body:?}");
             assert!(Instant::now() < deadline, "QR code did not rotate");
