@@ -207,6 +207,18 @@ fn segment_name(number: u64) -> String {
     }
 }
 
+/// The numbers of the segments in `dir`, oldest first.
+fn segments_in(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut numbers = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        if let Some(n) = entry?.file_name().to_str().and_then(segment_number) {
+            numbers.push(n);
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
 fn segment_number(name: &str) -> Option<u64> {
     if name == "keys.jsonl" {
         return Some(0);
@@ -222,18 +234,12 @@ fn segment_number(name: &str) -> Option<u64> {
 impl IdempotencyStore {
     pub fn open(dir: &Path, max_keys: usize) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
-        let mut numbers = Vec::new();
-        for entry in fs::read_dir(dir)? {
-            let name = entry?.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Some(n) = segment_number(name) {
-                numbers.push(n);
-            } else if name == ".keys.jsonl.tmp" {
-                // Left by the rewrite of earlier versions, cut off before its rename.
-                fs::remove_file(dir.join(name))?;
-            }
+        // Left by the rewrite of earlier versions when cut off before its rename.
+        match fs::remove_file(dir.join(".keys.jsonl.tmp")) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
         }
-        numbers.sort_unstable();
+        let numbers = segments_in(dir)?;
         let mut entries: HashMap<Arc<str>, Entry> = HashMap::new();
         let mut order = VecDeque::new();
         for &number in &numbers {
@@ -386,19 +392,14 @@ impl ClaimGuard {
                 Err(e) => tracing::error!(error = %e, "idempotency: cannot record a sent message"),
             }
         }
-        let mut moved = None;
         if let Some(entry) = k.entries.get_mut(&self.key) {
             if let State::InFlight(tx) = &entry.state {
                 tx.send_replace(Some(outcome.clone()));
             }
             entry.state = State::done(outcome);
-            if let Some(segment) = written {
-                moved = Some((std::mem::replace(&mut entry.segment, segment), segment));
-            }
         }
-        if let Some((from, to)) = moved {
-            k.remove_live(from);
-            k.add_live(to);
+        if let Some(segment) = written {
+            k.move_latest(&self.key, segment);
         }
         if let Err(e) = k.drop_old_segments() {
             tracing::warn!(error = %e, "idempotency: cannot remove an old log segment");
@@ -480,6 +481,16 @@ impl Keys {
             .binary_search_by_key(&number, |s| s.number)
             .ok()?;
         self.segments.get_mut(i)
+    }
+
+    /// A remembered key's latest record is now in segment `to`.
+    fn move_latest(&mut self, key: &str, to: u64) {
+        let Some(e) = self.entries.get_mut(key) else {
+            return;
+        };
+        let from = std::mem::replace(&mut e.segment, to);
+        self.remove_live(from);
+        self.add_live(to);
     }
 
     fn add_live(&mut self, number: u64) {
@@ -602,6 +613,14 @@ mod tests {
         Fingerprint(Sha256::digest(s.as_bytes()).into())
     }
 
+    /// Claims a key that must be new.
+    fn new(s: &IdempotencyStore, key: &str, f: &str) -> ClaimGuard {
+        match s.claim(key, &fp(f)).unwrap() {
+            Claim::New(g) => g,
+            other => panic!("{key}: expected a new claim, got {other:?}"),
+        }
+    }
+
     fn resp(id: &str) -> SendResponse {
         SendResponse {
             id: id.into(),
@@ -642,9 +661,7 @@ mod tests {
     fn replay_conflict_and_release() {
         let dir = tempfile::tempdir().unwrap();
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-        let Claim::New(g) = s.claim("k1", &fp("f1")).unwrap() else {
-            panic!("new")
-        };
+        let g = new(&s, "k1", "f1");
         assert!(matches!(s.claim("k1", &fp("f1")).unwrap(), Claim::Wait(_)));
         assert!(matches!(s.claim("k1", &fp("f2")).unwrap(), Claim::Conflict));
         g.finish(Outcome::Sent(resp("m1")));
@@ -653,9 +670,7 @@ mod tests {
         );
         assert!(matches!(s.claim("k1", &fp("f2")).unwrap(), Claim::Conflict));
         // A failed send releases the key: the next claim is new again.
-        let Claim::New(g) = s.claim("k2", &fp("f")).unwrap() else {
-            panic!("new")
-        };
+        let g = new(&s, "k2", "f");
         drop(g);
         assert!(matches!(
             s.claim("k2", &fp("other")).unwrap(),
@@ -668,9 +683,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-            let Claim::New(mut g) = s.claim("cut", &fp("f")).unwrap() else {
-                panic!("new")
-            };
+            let mut g = new(&s, "cut", "f");
             g.handed_to_engine();
             let Claim::Wait(rx) = s.claim("cut", &fp("f")).unwrap() else {
                 panic!("in flight")
@@ -682,9 +695,7 @@ mod tests {
                 Claim::Replay(Outcome::Unknown)
             ));
             // Refused by the engine before anything left: released, as before.
-            let Claim::New(mut g) = s.claim("refused", &fp("f")).unwrap() else {
-                panic!("new")
-            };
+            let mut g = new(&s, "refused", "f");
             g.handed_to_engine();
             g.release();
             assert!(matches!(
@@ -707,9 +718,7 @@ mod tests {
     async fn waiters_get_the_outcome() {
         let dir = tempfile::tempdir().unwrap();
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-        let Claim::New(g) = s.claim("k", &fp("f")).unwrap() else {
-            panic!()
-        };
+        let g = new(&s, "k", "f");
         let Claim::Wait(mut rx) = s.claim("k", &fp("f")).unwrap() else {
             panic!()
         };
@@ -726,17 +735,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-            let Claim::New(g) = s.claim("sent", &fp("f")).unwrap() else {
-                panic!()
-            };
+            let g = new(&s, "sent", "f");
             g.finish(Outcome::Sent(resp("m1")));
-            let Claim::New(g) = s.claim("released", &fp("f")).unwrap() else {
-                panic!()
-            };
+            let g = new(&s, "released", "f");
             drop(g);
-            let Claim::New(g) = s.claim("crashed", &fp("f")).unwrap() else {
-                panic!()
-            };
+            let g = new(&s, "crashed", "f");
             std::mem::forget(g); // the process dies mid-send
         }
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
@@ -755,12 +758,8 @@ mod tests {
 
     /// Every line of every segment file, oldest segment first.
     fn log_lines(dir: &Path) -> Vec<String> {
-        let mut numbers: Vec<u64> = fs::read_dir(dir)
+        segments_in(dir)
             .unwrap()
-            .filter_map(|e| segment_number(e.unwrap().file_name().to_str()?))
-            .collect();
-        numbers.sort_unstable();
-        numbers
             .iter()
             .flat_map(|n| {
                 fs::read_to_string(dir.join(segment_name(*n)))
@@ -773,10 +772,7 @@ mod tests {
     }
 
     fn segment_files(dir: &Path) -> usize {
-        fs::read_dir(dir)
-            .unwrap()
-            .filter(|e| segment_number(e.as_ref().unwrap().file_name().to_str().unwrap()).is_some())
-            .count()
+        segments_in(dir).unwrap().len()
     }
 
     #[test]
@@ -785,9 +781,7 @@ mod tests {
         {
             let s = IdempotencyStore::open(dir.path(), 5).unwrap();
             for i in 0..400 {
-                let Claim::New(g) = s.claim(&format!("k{i}"), &fp("f")).unwrap() else {
-                    panic!()
-                };
+                let g = new(&s, &format!("k{i}"), "f");
                 g.finish(Outcome::Sent(resp(&format!("m{i}"))));
                 assert_eq!(s.len(), (i + 1).min(5));
                 // The last 5 keys' records span at most 10 records: two full segments of 5,
@@ -837,17 +831,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = IdempotencyStore::open(dir.path(), 5).unwrap();
-            let Claim::New(stuck) = s.claim("stuck", &fp("f")).unwrap() else {
-                panic!()
-            };
-            let Claim::New(sent) = s.claim("early", &fp("f")).unwrap() else {
-                panic!()
-            };
+            let stuck = new(&s, "stuck", "f");
+            let sent = new(&s, "early", "f");
             sent.finish(Outcome::Sent(resp("early")));
             for i in 0..400 {
-                let Claim::New(g) = s.claim(&format!("k{i}"), &fp("f")).unwrap() else {
-                    panic!()
-                };
+                let g = new(&s, &format!("k{i}"), "f");
                 g.finish(Outcome::Sent(resp(&format!("m{i}"))));
                 assert!(
                     segment_files(dir.path()) <= MAX_CLOSED_SEGMENTS + 1,
@@ -883,20 +871,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = IdempotencyStore::open(dir.path(), 3).unwrap();
-            let Claim::New(g) = s.claim("keep", &fp("f")).unwrap() else {
-                panic!()
-            };
+            let g = new(&s, "keep", "f");
             g.finish(Outcome::Sent(resp("keep")));
-            let Claim::New(g) = s.claim("released", &fp("f")).unwrap() else {
-                panic!()
-            };
+            let g = new(&s, "released", "f");
             drop(g);
             // Fill segments with more releases: the `released` record lands in a newer
             // segment than its `pending` record.
             for i in 0..5 {
-                let Claim::New(g) = s.claim(&format!("r{i}"), &fp("f")).unwrap() else {
-                    panic!()
-                };
+                let g = new(&s, &format!("r{i}"), "f");
                 drop(g);
             }
         }
@@ -940,9 +922,7 @@ mod tests {
                 Claim::Replay(Outcome::Unknown)
             ));
             for i in 0..6 {
-                let Claim::New(g) = s.claim(&format!("k{i}"), &fp("f")).unwrap() else {
-                    panic!()
-                };
+                let g = new(&s, &format!("k{i}"), "f");
                 g.finish(Outcome::Sent(resp(&format!("m{i}"))));
             }
         }
@@ -979,16 +959,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = IdempotencyStore::open(dir.path(), 10).unwrap();
-            let Claim::New(g) = s.claim("a", &fp("f")).unwrap() else {
-                panic!()
-            };
+            let g = new(&s, "a", "f");
             g.finish(Outcome::Sent(resp("m")));
         }
-        let newest = fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| segment_number(e.unwrap().file_name().to_str()?))
-            .max()
-            .unwrap();
+        let newest = *segments_in(dir.path()).unwrap().last().unwrap();
         let mut f = OpenOptions::new()
             .append(true)
             .open(dir.path().join(segment_name(newest)))
@@ -998,9 +972,7 @@ mod tests {
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
         assert!(matches!(s.claim("a", &fp("f")).unwrap(), Claim::Replay(_)));
         // The torn line must not glue onto the next record.
-        let Claim::New(g) = s.claim("c", &fp("f")).unwrap() else {
-            panic!()
-        };
+        let g = new(&s, "c", "f");
         g.finish(Outcome::Sent(resp("m2")));
         drop(s);
         let s = IdempotencyStore::open(dir.path(), 10).unwrap();
