@@ -19,6 +19,7 @@ use wa_api::{Phase, SessionName};
 
 use crate::directory::{Observed, SessionDirectory};
 use crate::pod_client::PodClient;
+use crate::store::GroupCommitStats;
 
 /// Metric families the gateway exports: name, type, help. Per-session families carry the
 /// labels `namespace` and `session`.
@@ -28,6 +29,8 @@ pub const EXPORTED: &[(&str, &str, &str)] = &[
     ("wa_gateway_requests_in_flight", "gauge", "API requests being answered now (the ones the in-flight limit counts)."),
     ("wa_gateway_requests_shed_total", "counter", "API requests refused 503 OVERLOADED because the in-flight limit was reached."),
     ("wa_gateway_memory_trims_total", "counter", "Times free heap memory was handed back to the system after a backlog of requests drained."),
+    ("wa_gateway_store_write_groups_total", "counter", "SQLite: transactions the writes on the send path were grouped into (none on PostgreSQL)."),
+    ("wa_gateway_store_writes_total", "counter", "SQLite: writes on the send path (recording a send, its outcome, an event batch); divided by the groups, the average group size."),
     ("wa_gateway_outbox_depth", "gauge", "Sends recorded but not yet handed to a session pod."),
     ("wa_gateway_webhook_queue_depth", "gauge", "Webhook deliveries waiting for their next attempt."),
     ("wa_gateway_webhook_deliveries_total", "counter", "Webhook delivery attempts by result (delivered, retried, dead)."),
@@ -176,7 +179,8 @@ impl Metrics {
     }
 
     /// The full exposition. `sessions` is the directory's view (name, namespace, phase).
-    pub fn render(&self, namespace: &str, sessions: &[(SessionName, Phase)]) -> String {
+    /// `store`: the SQLite store's group-commit counts (none on PostgreSQL).
+    pub fn render(&self, namespace: &str, sessions: &[(SessionName, Phase)], store: Option<&GroupCommitStats>) -> String {
         let mut out = String::with_capacity(16 * 1024);
         let help = |out: &mut String, name: &str| {
             if let Some((n, kind, text)) = EXPORTED.iter().find(|(n, _, _)| *n == name) {
@@ -223,6 +227,14 @@ impl Metrics {
         let _ = writeln!(out, "wa_gateway_requests_shed_total {}", self.requests_shed.load(Ordering::Relaxed));
         help(&mut out, "wa_gateway_memory_trims_total");
         let _ = writeln!(out, "wa_gateway_memory_trims_total {}", self.memory_trims.load(Ordering::Relaxed));
+        help(&mut out, "wa_gateway_store_write_groups_total");
+        if let Some(store) = store {
+            let _ = writeln!(out, "wa_gateway_store_write_groups_total {}", store.groups.load(Ordering::Relaxed));
+        }
+        help(&mut out, "wa_gateway_store_writes_total");
+        if let Some(store) = store {
+            let _ = writeln!(out, "wa_gateway_store_writes_total {}", store.writes.load(Ordering::Relaxed));
+        }
         help(&mut out, "wa_gateway_outbox_depth");
         let _ = writeln!(out, "wa_gateway_outbox_depth {}", self.outbox_depth.load(Ordering::Relaxed));
         help(&mut out, "wa_gateway_webhook_queue_depth");
@@ -557,7 +569,10 @@ garbage line {{{
         let b: SessionName = "b".parse().unwrap();
         m.set_snapshot(a.clone(), snapshot_from(POD, Some(Phase::Connected)));
         m.set_snapshot(b.clone(), snapshot_from(POD, Some(Phase::AwaitingScan)));
-        let text = m.render("local", &[(a, Phase::Connected), (b, Phase::AwaitingScan)]);
+        let store = GroupCommitStats::default();
+        store.writes.store(12, Ordering::Relaxed);
+        store.groups.store(5, Ordering::Relaxed);
+        let text = m.render("local", &[(a, Phase::Connected), (b, Phase::AwaitingScan)], Some(&store));
         for (name, kind, _) in EXPORTED {
             assert_eq!(text.matches(&format!("# TYPE {name} {kind}\n")).count(), 1, "{name}");
         }
@@ -569,5 +584,7 @@ garbage line {{{
         assert!(text.contains(r#"wa_gateway_sessions{state="Connected"} 1"#));
         assert!(text.contains(r#"wa_gateway_http_request_duration_seconds_bucket{route="/v1/sessions",method="GET",le="0.005"} 1"#));
         assert!(!text.contains("process_resident_memory_bytes"));
+        assert!(text.contains("\nwa_gateway_store_write_groups_total 5\n"), "{text}");
+        assert!(text.contains("\nwa_gateway_store_writes_total 12\n"), "{text}");
     }
 }

@@ -73,6 +73,14 @@ impl From<ApiError> for SendFailure {
     }
 }
 
+/// What a recorded send does next.
+enum Next {
+    /// Sync: forward it to the pod now.
+    Forward(crate::directory::Route),
+    /// Async: the outbox forwards it.
+    Queue(MessageRow),
+}
+
 /// Phases in which a send cannot go out now; a sync send is refused before it is recorded.
 fn cannot_send(phase: Phase) -> bool {
     matches!(phase, Phase::AwaitingScan | Phase::LoggedOut | Phase::Suspended | Phase::Failed)
@@ -135,18 +143,23 @@ pub async fn send(gw: &Gateway, input: SendInput) -> Result<Sent, SendFailure> {
         lease_until: (input.mode == Mode::Sync).then_some(now + lease),
         now,
     };
-    match gw.store.insert_outbound(&new).await? {
+    // What follows the record; an async send is answered with the row as recorded.
+    let next = match route {
+        Some(route) => Next::Forward(route),
+        None => Next::Queue(new.row()),
+    };
+    match gw.store.insert_outbound(new).await? {
         InsertOutcome::Inserted => {}
         // Two requests with one key raced; the other one recorded first.
         InsertOutcome::Existing(row) => return replay(gw, &input, row, &payload, &request_hash).await,
     }
     gw.metrics.accepted(input.session.as_str(), input.mode.as_str());
-    match route {
-        None => {
+    match next {
+        Next::Forward(route) => forward_now(gw, &route, &id, &payload).await,
+        Next::Queue(row) => {
             gw.outbox_wake.notify_one();
-            Ok(Sent::Done { row: new.row(), queued: true })
+            Ok(Sent::Done { row, queued: true })
         }
-        Some(route) => forward_now(gw, &route, &id, &payload).await,
     }
 }
 

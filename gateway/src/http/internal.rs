@@ -58,8 +58,8 @@ pub async fn events(State(gw): State<AppState>, req: Request) -> ApiResult<Json<
             )
         })?,
     };
-    let batch: Option<EventBatch> = parse_json(&bytes).ok();
-    let claimed = match (&known, batch.as_ref().and_then(|b| b.events.first())) {
+    let batch: Result<EventBatch, ApiError> = parse_json(&bytes);
+    let claimed = match (&known, batch.as_ref().ok().and_then(|b| b.events.first())) {
         (Some(s), _) => s.clone(),
         // A token not in memory yet: the session the events name, if the token is its own.
         (None, Some(first)) => match first.session.parse::<SessionName>() {
@@ -68,7 +68,7 @@ pub async fn events(State(gw): State<AppState>, req: Request) -> ApiResult<Json<
         },
         (None, None) => return Err(ApiError::unauthorized("this token belongs to no session")),
     };
-    let batch: EventBatch = parse_json(&bytes)?;
+    let batch = batch?;
     if batch.events.iter().any(|e| e.session != claimed.as_str()) {
         return Err(ApiError::new(ErrorCode::ValidationFailed, "a batch carries the events of the token's own session only"));
     }
@@ -79,7 +79,7 @@ pub async fn events(State(gw): State<AppState>, req: Request) -> ApiResult<Json<
     async move {
         let targets = crate::delivery::targets(&gw, &claimed).await?;
         let namespace = Some(gw.directory.namespace().to_owned()).filter(|n| n != "local");
-        let outcome = gw.store.apply_events(claimed.as_str(), namespace.as_deref(), &batch.events, &targets, now_ms()).await?;
+        let outcome = gw.store.apply_events(claimed.as_str(), namespace.as_deref(), batch.events, targets, now_ms()).await?;
         for a in &outcome.applied {
             if let AppliedEvent::State { phase, account, at } = a {
                 gw.directory.observe(&claimed, Observed::Phase { phase: *phase, account: account.clone(), at: *at });

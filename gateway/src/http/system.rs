@@ -27,7 +27,7 @@ pub async fn readyz(State(gw): State<AppState>) -> Response {
 
 pub async fn metrics(State(gw): State<AppState>) -> Response {
     let sessions: Vec<_> = gw.directory.list().into_iter().map(|s| (s.name, s.phase)).collect();
-    let text = gw.metrics.render(gw.directory.namespace(), &sessions);
+    let text = gw.metrics.render(gw.directory.namespace(), &sessions, gw.store.group_commit_stats());
     ([(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))], text).into_response()
 }
 

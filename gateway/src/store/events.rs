@@ -7,6 +7,7 @@ use wa_api::pod::{EventAck, EventBody, MessageStatus, PodEvent};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
+use super::group_commit::Atomic;
 use super::{Store, StoreResult, on_pool};
 use crate::model::{WebhookPayload, webhook_payload};
 use crate::util::new_id;
@@ -124,19 +125,56 @@ impl Store {
         &self,
         session: &str,
         namespace: Option<&str>,
-        events: &[PodEvent],
-        targets: &[WebhookTarget],
+        events: Vec<PodEvent>,
+        targets: Vec<WebhookTarget>,
         now: i64,
     ) -> StoreResult<EventOutcome> {
-        let mut out = EventOutcome {
-            ack: EventAck { accepted: 0, duplicates: 0 },
-            applied: Vec::with_capacity(events.len()),
-            deliveries: 0,
-            seen: Vec::with_capacity(events.len()),
-        };
-        let postgres = matches!(self, Store::Postgres(_));
-        on_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+        match self {
+            Store::Sqlite(_, writes) => {
+                let batch = (session.to_owned(), namespace.map(str::to_owned), events, targets, now);
+                writes
+                    .write(Atomic::Yes, batch, |(session, namespace, events, targets, now), conn| {
+                        Box::pin(apply_sqlite(conn, session, namespace.as_deref(), events, targets, *now))
+                    })
+                    .await
+            }
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                let out = apply_postgres(&mut tx, session, namespace, &events, &targets, now).await?;
+                tx.commit().await?;
+                Ok(out)
+            }
+        }
+    }
+
+    /// Rows in `early_receipts` (for tests and diagnostics).
+    pub async fn early_receipt_count(&self) -> StoreResult<i64> {
+        let (n,): (i64,) = on_pool!(self, pool => sqlx::query_as("SELECT COUNT(*) FROM early_receipts")
+            .fetch_one(pool)
+            .await)?;
+        Ok(n)
+    }
+}
+
+/// The statements of `apply_events`, written once and expanded for each connection type; the
+/// caller holds the transaction.
+macro_rules! apply_on {
+    ($name:ident, $conn:ty, $postgres:expr) => {
+        async fn $name(
+            tx: &mut $conn,
+            session: &str,
+            namespace: Option<&str>,
+            events: &[PodEvent],
+            targets: &[WebhookTarget],
+            now: i64,
+        ) -> StoreResult<EventOutcome> {
+            let postgres = $postgres;
+            let mut out = EventOutcome {
+                ack: EventAck { accepted: 0, duplicates: 0 },
+                applied: Vec::with_capacity(events.len()),
+                deliveries: 0,
+                seen: Vec::with_capacity(events.len()),
+            };
             let fresh: Vec<bool> = if let [event] = events {
                 let done = sqlx::query(batch_sql::DEDUP_ONE)
                     .bind(&event.id)
@@ -355,19 +393,12 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            tx.commit().await?;
-        });
-        Ok(out)
-    }
-
-    /// Rows in `early_receipts` (for tests and diagnostics).
-    pub async fn early_receipt_count(&self) -> StoreResult<i64> {
-        let (n,): (i64,) = on_pool!(self, pool => sqlx::query_as("SELECT COUNT(*) FROM early_receipts")
-            .fetch_one(pool)
-            .await)?;
-        Ok(n)
-    }
+            Ok(out)
+        }
+    };
 }
+apply_on!(apply_sqlite, sqlx::SqliteConnection, false);
+apply_on!(apply_postgres, sqlx::PgConnection, true);
 
 fn event_kind(body: &EventBody) -> &'static str {
     match body {
@@ -429,16 +460,16 @@ mod tests {
                 reason: None,
             })),
         ];
-        let first = store.apply_events("s", None, &batch, &targets(), 1000).await.unwrap();
+        let first = store.apply_events("s", None, batch.clone(), targets(), 1000).await.unwrap();
         assert_eq!(first.ack, EventAck { accepted: 3, duplicates: 0 });
         // state → w-all; message → w-all + w-msg; receipt → w-all.
         assert_eq!(first.deliveries, 4);
-        let again = store.apply_events("s", None, &batch, &targets(), 2000).await.unwrap();
+        let again = store.apply_events("s", None, batch.clone(), targets(), 2000).await.unwrap();
         assert_eq!(again.ack, EventAck { accepted: 0, duplicates: 3 });
         assert_eq!(again.deliveries, 0);
         assert!(again.applied.is_empty());
         // The same WhatsApp message under a new event id is stored once and not re-announced.
-        let renamed = store.apply_events("s", None, &[event("e4", inbound("IN1"))], &targets(), 3000).await.unwrap();
+        let renamed = store.apply_events("s", None, vec![event("e4", inbound("IN1"))], targets(), 3000).await.unwrap();
         assert_eq!(renamed.ack.accepted, 1);
         assert_eq!(renamed.deliveries, 0);
         let history = store
@@ -458,8 +489,8 @@ mod tests {
         let mut older = event("o", EventBody::State { phase: Phase::AwaitingScan, account: None, reason: None });
         newer.occurred_at = "2026-01-01T00:00:10Z".parse().unwrap();
         older.occurred_at = "2026-01-01T00:00:05Z".parse().unwrap();
-        store.apply_events("s", None, &[newer], &[], 1).await.unwrap();
-        store.apply_events("s", None, &[older], &[], 2).await.unwrap();
+        store.apply_events("s", None, vec![newer], vec![], 1).await.unwrap();
+        store.apply_events("s", None, vec![older], vec![], 2).await.unwrap();
         assert_eq!(store.session_states().await.unwrap()[0].phase, "Connected");
     });
 }

@@ -6,6 +6,7 @@
 
 use wa_api::pod::MessageStatus;
 
+use super::group_commit::Atomic;
 use super::{Store, StoreResult, on_pool};
 
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
@@ -154,15 +155,10 @@ pub struct HistoryFilter {
     pub limit: i64,
 }
 
-fn rank(s: MessageStatus) -> i32 {
-    i32::from(s.rank())
-}
-
-impl Store {
-    /// Records a send. With an `Idempotency-Key` already used on the session, nothing is
-    /// written and the first row comes back.
-    pub async fn insert_outbound(&self, m: &NewOutbound) -> StoreResult<InsertOutcome> {
-        let done = on_pool!(self, pool => sqlx::query(
+/// The statement that records a send, bound for whichever database runs it.
+macro_rules! insert_outbound_query {
+    ($m:expr) => {
+        sqlx::query(
             "INSERT INTO messages (id, session, direction, chat, kind, body_text, media_mimetype,
                 media_filename, media_size, status, status_rank, idempotency_key, request_hash,
                 api_key_id, mode, payload, attempts, next_attempt_at, lease_until, created_at, updated_at)
@@ -170,30 +166,49 @@ impl Store {
                 $14, $15, $16, $17, $17)
              ON CONFLICT (session, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
-        .bind(&m.id)
-        .bind(&m.session)
-        .bind(&m.chat)
-        .bind(&m.kind)
-        .bind(&m.body_text)
-        .bind(&m.media_mimetype)
-        .bind(&m.media_filename)
-        .bind(m.media_size)
-        .bind(&m.idempotency_key)
-        .bind(&m.request_hash)
-        .bind(&m.api_key_id)
-        .bind(m.mode)
-        .bind(&m.payload)
-        .bind(i32::from(m.lease_until.is_some()))
-        .bind(m.next_attempt_at)
-        .bind(m.lease_until)
-        .bind(m.now)
-        .execute(pool)
-        .await.map(|r| r.rows_affected()))?;
+        .bind(&$m.id)
+        .bind(&$m.session)
+        .bind(&$m.chat)
+        .bind(&$m.kind)
+        .bind(&$m.body_text)
+        .bind(&$m.media_mimetype)
+        .bind(&$m.media_filename)
+        .bind($m.media_size)
+        .bind(&$m.idempotency_key)
+        .bind(&$m.request_hash)
+        .bind(&$m.api_key_id)
+        .bind($m.mode)
+        .bind(&$m.payload)
+        .bind(i32::from($m.lease_until.is_some()))
+        .bind($m.next_attempt_at)
+        .bind($m.lease_until)
+        .bind($m.now)
+    };
+}
+
+fn rank(s: MessageStatus) -> i32 {
+    i32::from(s.rank())
+}
+
+impl Store {
+    /// Records a send. With an `Idempotency-Key` already used on the session, nothing is
+    /// written and the first row comes back.
+    pub async fn insert_outbound(&self, m: NewOutbound) -> StoreResult<InsertOutcome> {
+        let (session, key) = (m.session.clone(), m.idempotency_key.clone());
+        let done = match self {
+            Store::Sqlite(_, writes) => {
+                writes
+                    .write(Atomic::No, m, |m, conn| {
+                        Box::pin(async move { Ok(insert_outbound_query!(m).execute(conn).await?.rows_affected()) })
+                    })
+                    .await?
+            }
+            Store::Postgres(pool) => insert_outbound_query!(m).execute(pool).await?.rows_affected(),
+        };
         if done == 1 {
             return Ok(InsertOutcome::Inserted);
         }
-        let key = m.idempotency_key.as_deref().unwrap_or_default();
-        match self.message_by_idempotency_key(&m.session, key).await? {
+        match self.message_by_idempotency_key(&session, key.as_deref().unwrap_or_default()).await? {
             Some(row) => Ok(InsertOutcome::Existing(row)),
             // Only the idempotency index can make the insert a no-op.
             None => Err(sqlx::Error::RowNotFound.into()),
@@ -222,121 +237,30 @@ impl Store {
     /// Records how a forward ended and ends the row's time in the outbox. A receipt that
     /// raced ahead of the send answer is applied now. Returns the row as it is afterwards.
     pub async fn finish_send(&self, id: &str, outcome: &SendOutcome, now: i64) -> StoreResult<Option<MessageRow>> {
-        let row = match outcome {
-            SendOutcome::Sent { wa_id, chat, status, sent_at } => {
-                // `early`: whether a receipt for this WhatsApp id arrived before this answer (read
-                // in the same statement, so the common case costs one round trip, not two).
-                let record = format!(
-                    "UPDATE messages SET wa_id = $2, chat = $3,
-                        status = CASE WHEN status_rank < $5 THEN $4 ELSE status END,
-                        status_rank = CASE WHEN status_rank < $5 THEN $5 ELSE status_rank END,
-                        error_code = NULL, error = NULL, sent_at = $6, payload = NULL,
-                        next_attempt_at = NULL, lease_until = NULL, updated_at = $7
-                     WHERE id = $1 RETURNING {MESSAGE_COLUMNS},
-                        EXISTS (SELECT 1 FROM early_receipts e WHERE e.session = messages.session AND e.wa_id = $2) AS early"
-                );
-                const TAKE_EARLY: &str = "DELETE FROM early_receipts WHERE session = $1 AND wa_id = $2
-                     RETURNING status, status_rank, reason";
-                let apply_early = format!(
-                    "UPDATE messages SET status = $2, status_rank = $3, error = COALESCE($4, error), updated_at = $5
-                     WHERE id = $1 AND status_rank < $3 RETURNING {MESSAGE_COLUMNS}"
-                );
-                match self {
-                    // Writers are serialized, so autocommit statements in this order are enough:
-                    // a receipt applied before the first finds no WhatsApp id and is kept as an
-                    // early receipt, which the first sees (`early`) and the next ones take; one
-                    // applied after it finds the id. (Only a crash between them can leave an
-                    // early receipt behind.)
-                    Store::Sqlite(pool) => {
-                        let recorded: Option<Recorded> = sqlx::query_as(sqlx::AssertSqlSafe(record))
-                            .bind(id)
-                            .bind(wa_id)
-                            .bind(chat)
-                            .bind(status.as_str())
-                            .bind(rank(*status))
-                            .bind(sent_at)
-                            .bind(now)
-                            .fetch_optional(pool)
-                            .await?;
-                        let early = recorded.as_ref().is_some_and(|r| r.early);
-                        let mut row = recorded.map(|r| r.row);
-                        if let Some(session) = row.as_ref().filter(|_| early).map(|r| r.session.clone()) {
-                            let early: Option<(String, i32, Option<String>)> =
-                                sqlx::query_as(TAKE_EARLY).bind(&session).bind(wa_id).fetch_optional(pool).await?;
-                            if let Some((status, status_rank, reason)) = early {
-                                let updated: Option<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(apply_early))
-                                    .bind(id)
-                                    .bind(status)
-                                    .bind(status_rank)
-                                    .bind(reason)
-                                    .bind(now)
-                                    .fetch_optional(pool)
-                                    .await?;
-                                if updated.is_some() {
-                                    row = updated;
-                                }
-                            }
-                        }
-                        row
-                    }
-                    // Replicas write concurrently: one transaction, and a lock on the WhatsApp
-                    // id that a receipt for it takes too (see `apply_events`), so neither misses
-                    // the other.
-                    Store::Postgres(pool) => {
-                        let mut tx = pool.begin().await?;
-                        sqlx::query(WA_ID_LOCK).bind(wa_id).execute(&mut *tx).await?;
-                        let recorded: Option<Recorded> = sqlx::query_as(sqlx::AssertSqlSafe(record))
-                            .bind(id)
-                            .bind(wa_id)
-                            .bind(chat)
-                            .bind(status.as_str())
-                            .bind(rank(*status))
-                            .bind(sent_at)
-                            .bind(now)
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                        let early = recorded.as_ref().is_some_and(|r| r.early);
-                        let mut row = recorded.map(|r| r.row);
-                        if let Some(session) = row.as_ref().filter(|_| early).map(|r| r.session.clone()) {
-                            let early: Option<(String, i32, Option<String>)> =
-                                sqlx::query_as(TAKE_EARLY).bind(&session).bind(wa_id).fetch_optional(&mut *tx).await?;
-                            if let Some((status, status_rank, reason)) = early {
-                                let updated: Option<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(apply_early))
-                                    .bind(id)
-                                    .bind(status)
-                                    .bind(status_rank)
-                                    .bind(reason)
-                                    .bind(now)
-                                    .fetch_optional(&mut *tx)
-                                    .await?;
-                                if updated.is_some() {
-                                    row = updated;
-                                }
-                            }
-                        }
-                        tx.commit().await?;
-                        row
-                    }
+        match self {
+            // Writers are serialized, so autocommit statements in this order are enough: a
+            // receipt applied before the first finds no WhatsApp id and is kept as an early
+            // receipt, which the first sees (`early`) and the next ones take; one applied after
+            // it finds the id. (Only a crash between them can leave an early receipt behind.)
+            Store::Sqlite(_, writes) => {
+                writes
+                    .write(Atomic::No, (id.to_owned(), outcome.clone(), now), |(id, outcome, now), conn| {
+                        Box::pin(finish_sqlite(conn, id, outcome, *now))
+                    })
+                    .await
+            }
+            // Replicas write concurrently: one transaction, and a lock on the WhatsApp id that a
+            // receipt for it takes too (see `apply_events`), so neither misses the other.
+            Store::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                if let SendOutcome::Sent { wa_id, .. } = outcome {
+                    sqlx::query(WA_ID_LOCK).bind(wa_id).execute(&mut *tx).await?;
                 }
+                let row = finish_postgres(&mut tx, id, outcome, now).await?;
+                tx.commit().await?;
+                Ok(row)
             }
-            SendOutcome::Failed { code, reason } => {
-                on_pool!(self, pool => sqlx::query_as::<_, MessageRow>(sqlx::AssertSqlSafe(format!(
-                    "UPDATE messages SET status = CASE WHEN status_rank < $4 THEN 'failed' ELSE status END,
-                        status_rank = CASE WHEN status_rank < $4 THEN $4 ELSE status_rank END,
-                        error_code = $2, error = $3, payload = NULL,
-                        next_attempt_at = NULL, lease_until = NULL, updated_at = $5
-                     WHERE id = $1 RETURNING {MESSAGE_COLUMNS}"
-                )))
-                .bind(id)
-                .bind(code)
-                .bind(reason)
-                .bind(rank(MessageStatus::Failed))
-                .bind(now)
-                .fetch_optional(pool)
-                .await)?
-            }
-        };
-        Ok(row)
+        }
     }
 
     /// An async send could not be forwarded this time: back to the queue until `next_attempt_at`.
@@ -383,7 +307,7 @@ impl Store {
         const UPDATE: &str = "UPDATE messages SET lease_until = $2, attempts = attempts + 1, updated_at = $1
             WHERE id IN ({pick}) RETURNING id, session, payload, attempts, created_at, mode";
         let mut rows = match self {
-            Store::Sqlite(pool) => {
+            Store::Sqlite(pool, _) => {
                 sqlx::query_as::<_, Claimed>(sqlx::AssertSqlSafe(UPDATE.replace("{pick}", PICK)))
                     .bind(now)
                     .bind(lease_until)
@@ -469,6 +393,83 @@ impl Store {
     }
 }
 
+/// The statements of `finish_send`, written once and expanded for each connection type.
+macro_rules! finish_on {
+    ($name:ident, $conn:ty) => {
+        async fn $name(conn: &mut $conn, id: &str, outcome: &SendOutcome, now: i64) -> StoreResult<Option<MessageRow>> {
+            let (wa_id, chat, status, sent_at) = match outcome {
+                SendOutcome::Sent { wa_id, chat, status, sent_at } => (wa_id, chat, status, sent_at),
+                SendOutcome::Failed { code, reason } => {
+                    return Ok(sqlx::query_as::<_, MessageRow>(sqlx::AssertSqlSafe(format!(
+                        "UPDATE messages SET status = CASE WHEN status_rank < $4 THEN 'failed' ELSE status END,
+                            status_rank = CASE WHEN status_rank < $4 THEN $4 ELSE status_rank END,
+                            error_code = $2, error = $3, payload = NULL,
+                            next_attempt_at = NULL, lease_until = NULL, updated_at = $5
+                         WHERE id = $1 RETURNING {MESSAGE_COLUMNS}"
+                    )))
+                    .bind(id)
+                    .bind(code)
+                    .bind(reason)
+                    .bind(rank(MessageStatus::Failed))
+                    .bind(now)
+                    .fetch_optional(&mut *conn)
+                    .await?);
+                }
+            };
+            // `early`: whether a receipt for this WhatsApp id arrived before this answer (read
+            // in the same statement, so the common case costs one round trip, not two).
+            let recorded: Option<Recorded> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                "UPDATE messages SET wa_id = $2, chat = $3,
+                    status = CASE WHEN status_rank < $5 THEN $4 ELSE status END,
+                    status_rank = CASE WHEN status_rank < $5 THEN $5 ELSE status_rank END,
+                    error_code = NULL, error = NULL, sent_at = $6, payload = NULL,
+                    next_attempt_at = NULL, lease_until = NULL, updated_at = $7
+                 WHERE id = $1 RETURNING {MESSAGE_COLUMNS},
+                    EXISTS (SELECT 1 FROM early_receipts e WHERE e.session = messages.session AND e.wa_id = $2) AS early"
+            )))
+            .bind(id)
+            .bind(wa_id)
+            .bind(chat)
+            .bind(status.as_str())
+            .bind(rank(*status))
+            .bind(sent_at)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+            let early = recorded.as_ref().is_some_and(|r| r.early);
+            let mut row = recorded.map(|r| r.row);
+            if let Some(session) = row.as_ref().filter(|_| early).map(|r| r.session.clone()) {
+                let early: Option<(String, i32, Option<String>)> = sqlx::query_as(
+                    "DELETE FROM early_receipts WHERE session = $1 AND wa_id = $2 RETURNING status, status_rank, reason",
+                )
+                .bind(&session)
+                .bind(wa_id)
+                .fetch_optional(&mut *conn)
+                .await?;
+                if let Some((status, status_rank, reason)) = early {
+                    let updated: Option<MessageRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+                        "UPDATE messages SET status = $2, status_rank = $3, error = COALESCE($4, error), updated_at = $5
+                         WHERE id = $1 AND status_rank < $3 RETURNING {MESSAGE_COLUMNS}"
+                    )))
+                    .bind(id)
+                    .bind(status)
+                    .bind(status_rank)
+                    .bind(reason)
+                    .bind(now)
+                    .fetch_optional(&mut *conn)
+                    .await?;
+                    if updated.is_some() {
+                        row = updated;
+                    }
+                }
+            }
+            Ok(row)
+        }
+    };
+}
+finish_on!(finish_sqlite, sqlx::SqliteConnection);
+finish_on!(finish_postgres, sqlx::PgConnection);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -496,23 +497,24 @@ mod tests {
     }
 
     both!(idempotency_key_returns_first_row, |store| {
-        assert_eq!(store.insert_outbound(&new("m1", Some("k"), "sync", 10)).await.unwrap(), InsertOutcome::Inserted);
-        match store.insert_outbound(&new("m2", Some("k"), "sync", 11)).await.unwrap() {
+        assert_eq!(store.insert_outbound(new("m1", Some("k"), "sync", 10)).await.unwrap(), InsertOutcome::Inserted);
+        match store.insert_outbound(new("m2", Some("k"), "sync", 11)).await.unwrap() {
             InsertOutcome::Existing(row) => assert_eq!(row.id, "m1"),
             other => panic!("{other:?}"),
         }
         // Without a key, or with another key, rows are independent.
-        assert_eq!(store.insert_outbound(&new("m3", None, "sync", 12)).await.unwrap(), InsertOutcome::Inserted);
-        assert_eq!(store.insert_outbound(&new("m4", None, "sync", 12)).await.unwrap(), InsertOutcome::Inserted);
-        assert_eq!(store.insert_outbound(&new("m5", Some("k2"), "sync", 12)).await.unwrap(), InsertOutcome::Inserted);
+        assert_eq!(store.insert_outbound(new("m3", None, "sync", 12)).await.unwrap(), InsertOutcome::Inserted);
+        assert_eq!(store.insert_outbound(new("m4", None, "sync", 12)).await.unwrap(), InsertOutcome::Inserted);
+        assert_eq!(store.insert_outbound(new("m5", Some("k2"), "sync", 12)).await.unwrap(), InsertOutcome::Inserted);
         assert!(store.message("m2").await.unwrap().is_none());
         let n = new("m9", None, "async", 20);
-        store.insert_outbound(&n).await.unwrap();
-        assert_eq!(store.message("m9").await.unwrap().unwrap(), n.row(), "the answer built without a read is the stored row");
+        let row = n.row();
+        store.insert_outbound(n).await.unwrap();
+        assert_eq!(store.message("m9").await.unwrap().unwrap(), row, "the answer built without a read is the stored row");
     });
 
     both!(status_never_moves_backwards_and_early_receipts_apply, |store| {
-        store.insert_outbound(&new("m1", None, "sync", 10)).await.unwrap();
+        store.insert_outbound(new("m1", None, "sync", 10)).await.unwrap();
         // A delivery receipt raced ahead of the send answer.
         let ack = store
             .apply_receipt_for_test("s", "WA1", MessageStatus::Delivered)
@@ -552,7 +554,7 @@ mod tests {
             sent_at: 11,
         };
         for (id, wa) in [("m1", "WA1"), ("m2", "WA2"), ("m3", "WA3")] {
-            store.insert_outbound(&new(id, None, "sync", 10)).await.unwrap();
+            store.insert_outbound(new(id, None, "sync", 10)).await.unwrap();
             store.finish_send(id, &sent(wa), 12).await.unwrap();
         }
         let receipt = |id: &str, wa: &str, status: MessageStatus, reason: Option<&str>| PodEvent {
@@ -578,7 +580,7 @@ mod tests {
             receipt("e7", "WA9", MessageStatus::Read, None),
             receipt("e8", "WA3", MessageStatus::Sent, None), // already sent: nothing to do
         ];
-        let out = store.apply_events("s", None, &batch, &[], 20).await.unwrap();
+        let out = store.apply_events("s", None, batch.to_vec(), vec![], 20).await.unwrap();
         assert_eq!((out.ack.accepted, out.ack.duplicates), (8, 1));
         let fresh: Vec<bool> = out.seen.iter().map(|(_, f)| *f).collect();
         assert_eq!(fresh, [true, true, false, true, true, true, true, true, true]);
@@ -599,20 +601,20 @@ mod tests {
         assert_eq!((m3.status.as_str(), m3.updated_at), ("sent", 12));
         // The early receipts wait for WA9's send answer, at their highest status.
         assert_eq!(store.early_receipt_count().await.unwrap(), 1);
-        store.insert_outbound(&new("m9", None, "sync", 10)).await.unwrap();
+        store.insert_outbound(new("m9", None, "sync", 10)).await.unwrap();
         let row = store.finish_send("m9", &sent("WA9"), 30).await.unwrap().unwrap();
         assert_eq!(row.status, "read");
         assert_eq!(store.early_receipt_count().await.unwrap(), 0);
         // The whole batch again: all duplicates, nothing changes.
-        let again = store.apply_events("s", None, &batch, &[], 40).await.unwrap();
+        let again = store.apply_events("s", None, batch.to_vec(), vec![], 40).await.unwrap();
         assert_eq!((again.ack.accepted, again.ack.duplicates), (0, 9));
         assert_eq!(store.message("m1").await.unwrap().unwrap().updated_at, 20);
     });
 
     both!(outbox_claims_due_unleased_rows_once, |store| {
-        store.insert_outbound(&new("a1", None, "async", 100)).await.unwrap();
-        store.insert_outbound(&new("a2", None, "async", 100)).await.unwrap();
-        store.insert_outbound(&new("s1", None, "sync", 100)).await.unwrap(); // leased until 1100
+        store.insert_outbound(new("a1", None, "async", 100)).await.unwrap();
+        store.insert_outbound(new("a2", None, "async", 100)).await.unwrap();
+        store.insert_outbound(new("s1", None, "sync", 100)).await.unwrap(); // leased until 1100
         assert_eq!(store.outbox_depth().await.unwrap(), 3);
         let claimed = store.claim_due_sends(200, 700, 10).await.unwrap();
         let ids: Vec<_> = claimed.iter().map(|c| c.id.as_str()).collect();
@@ -635,7 +637,7 @@ mod tests {
         // What replicas do on PostgreSQL: several outbox workers claim at once. Every row is
         // claimed exactly once (FOR UPDATE SKIP LOCKED; SQLite serializes the claims).
         for i in 0..200 {
-            store.insert_outbound(&new(&format!("c{i:03}"), None, "async", 100)).await.unwrap();
+            store.insert_outbound(new(&format!("c{i:03}"), None, "async", 100)).await.unwrap();
         }
         let workers: Vec<_> = (0..4)
             .map(|_| {
@@ -662,7 +664,7 @@ mod tests {
     });
 
     both!(release_leases_and_retry_failed, |store| {
-        store.insert_outbound(&new("s1", Some("k"), "sync", 100)).await.unwrap();
+        store.insert_outbound(new("s1", Some("k"), "sync", 100)).await.unwrap();
         assert_eq!(store.release_all_send_leases().await.unwrap(), 1);
         let due = store.claim_due_sends(crate::util::now_ms(), i64::MAX, 10).await.unwrap();
         assert_eq!(due.len(), 1, "a released sync row is due at once");
@@ -680,7 +682,7 @@ mod tests {
         for (i, chat) in ["1@s.whatsapp.net", "2@s.whatsapp.net", "1@s.whatsapp.net"].iter().enumerate() {
             let mut m = new(&format!("m{i}"), None, "async", 100 + i as i64 * 10);
             m.chat = (*chat).into();
-            store.insert_outbound(&m).await.unwrap();
+            store.insert_outbound(m).await.unwrap();
         }
         let all = |f: HistoryFilter| {
             let store = store.clone();
@@ -725,7 +727,7 @@ mod tests {
                     reason: None,
                 }),
             };
-            let out = self.apply_events(session, None, &[event], &[], crate::util::now_ms()).await.unwrap();
+            let out = self.apply_events(session, None, vec![event], vec![], crate::util::now_ms()).await.unwrap();
             out.applied.iter().any(|a| matches!(a, crate::store::AppliedEvent::Receipt { message_id: Some(_), .. }))
         }
     }

@@ -9,6 +9,7 @@
 //! batch as one JSON parameter (`json_each` on SQLite, `jsonb_*` functions on PostgreSQL).
 
 mod events;
+mod group_commit;
 mod keys;
 mod messages;
 mod webhooks;
@@ -22,6 +23,7 @@ use sqlx::error::DatabaseError as _;
 use sqlx::{PgPool, SqlitePool};
 
 pub use events::{AppliedEvent, EventOutcome, WebhookTarget};
+pub use group_commit::{GroupCommit, GroupCommitStats};
 pub use keys::KeyRecord;
 pub use messages::{
     Claimed, HistoryFilter, InsertOutcome, MessageRow, NewOutbound, SendOutcome,
@@ -66,10 +68,11 @@ impl StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
-/// The database, either engine. Cheap to clone (pools are handles).
+/// The database, either engine. Cheap to clone (pools are handles). SQLite's writes on the
+/// send path go through its [`GroupCommit`].
 #[derive(Clone, Debug)]
 pub enum Store {
-    Sqlite(SqlitePool),
+    Sqlite(SqlitePool, GroupCommit),
     Postgres(PgPool),
 }
 
@@ -77,7 +80,7 @@ pub enum Store {
 macro_rules! on_pool {
     ($store:expr, $pool:ident => $body:expr) => {
         match $store {
-            $crate::store::Store::Sqlite($pool) => $body,
+            $crate::store::Store::Sqlite($pool, _) => $body,
             $crate::store::Store::Postgres($pool) => $body,
         }
     };
@@ -148,7 +151,7 @@ impl Store {
                     .run(&pool)
                     .await
                     .context("migrating the SQLite database")?;
-                Store::Sqlite(pool)
+                Store::Sqlite(pool.clone(), GroupCommit::start(pool))
             }
             None => anyhow::bail!(
                 "DATABASE_URL must start with sqlite: or postgres:// (got {:?})",
@@ -158,9 +161,17 @@ impl Store {
         Ok(store)
     }
 
+    /// How SQLite's writes on the send path were grouped, for `/metrics` (none on PostgreSQL).
+    pub fn group_commit_stats(&self) -> Option<&GroupCommitStats> {
+        match self {
+            Store::Sqlite(_, writes) => Some(writes.stats()),
+            Store::Postgres(_) => None,
+        }
+    }
+
     pub fn backend(&self) -> Backend {
         match self {
-            Store::Sqlite(_) => Backend::Sqlite,
+            Store::Sqlite(..) => Backend::Sqlite,
             Store::Postgres(_) => Backend::Postgres,
         }
     }

@@ -121,7 +121,7 @@ impl Store {
              WHERE id IN ({{pick}}) RETURNING {DELIVERY_COLUMNS}"
         );
         let mut rows = match self {
-            Store::Sqlite(pool) => sqlx::query_as::<_, DeliveryRow>(sqlx::AssertSqlSafe(update.replace("{pick}", PICK)))
+            Store::Sqlite(pool, _) => sqlx::query_as::<_, DeliveryRow>(sqlx::AssertSqlSafe(update.replace("{pick}", PICK)))
                 .bind(now)
                 .bind(lease_until)
                 .bind(limit)
@@ -248,7 +248,7 @@ mod tests {
             body: EventBody::State { phase: wa_api::Phase::Connected, account: None, reason: None },
         };
         let target = WebhookTarget { id: w.id.clone(), url: w.url.clone(), events: vec![] };
-        store.apply_events("s", None, &[event], &[target], 100).await.unwrap();
+        store.apply_events("s", None, vec![event], vec![target], 100).await.unwrap();
         assert_eq!(store.pending_deliveries().await.unwrap(), 1);
 
         let claimed = store.claim_due_deliveries(100, 200, 10).await.unwrap();
