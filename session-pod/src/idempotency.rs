@@ -809,6 +809,15 @@ mod tests {
         (k.syncs, k.unsynced)
     }
 
+    /// Whether a store opened again on `dir` (a restart) answers `key` with its recorded answer.
+    fn replays_sent_after_restart(dir: &Path, max_keys: usize, key: &str) -> bool {
+        let s = IdempotencyStore::open(dir, max_keys).unwrap();
+        matches!(
+            s.claim(key, &fp("f")).unwrap(),
+            Claim::Replay(Outcome::Sent(_))
+        )
+    }
+
     #[test]
     fn a_send_costs_one_sync_and_its_sent_record_goes_to_disk_with_the_next_one() {
         let dir = tempfile::tempdir().unwrap();
@@ -827,11 +836,7 @@ mod tests {
         // Written all the same: a restarted process replays the answer (the kernel has the
         // page; only a crash of the machine could lose it, and the key would answer unknown).
         drop(s);
-        let s = IdempotencyStore::open(dir.path(), 100).unwrap();
-        assert!(matches!(
-            s.claim("b", &fp("f")).unwrap(),
-            Claim::Replay(Outcome::Sent(_))
-        ));
+        assert!(replays_sent_after_restart(dir.path(), 100, "b"));
     }
 
     #[test]
@@ -857,11 +862,7 @@ mod tests {
             "a segment was deleted before the record that replaced it was synced"
         );
         drop(s);
-        let s = IdempotencyStore::open(dir.path(), 3).unwrap();
-        assert!(matches!(
-            s.claim("slow", &fp("f")).unwrap(),
-            Claim::Replay(Outcome::Sent(_))
-        ));
+        assert!(replays_sent_after_restart(dir.path(), 3, "slow"));
     }
 
     #[test]

@@ -194,7 +194,8 @@ impl Store {
     /// Records a send. With an `Idempotency-Key` already used on the session, nothing is
     /// written and the first row comes back.
     pub async fn insert_outbound(&self, m: NewOutbound) -> StoreResult<InsertOutcome> {
-        let (session, key) = (m.session.clone(), m.idempotency_key.clone());
+        // Only an `Idempotency-Key` already used can make the insert a no-op.
+        let used_key = m.idempotency_key.clone().map(|key| (m.session.clone(), key));
         let done = match self {
             Store::Sqlite(_, writes) => {
                 writes
@@ -208,9 +209,11 @@ impl Store {
         if done == 1 {
             return Ok(InsertOutcome::Inserted);
         }
-        match self.message_by_idempotency_key(&session, key.as_deref().unwrap_or_default()).await? {
+        let Some((session, key)) = used_key else {
+            return Err(sqlx::Error::RowNotFound.into());
+        };
+        match self.message_by_idempotency_key(&session, &key).await? {
             Some(row) => Ok(InsertOutcome::Existing(row)),
-            // Only the idempotency index can make the insert a no-op.
             None => Err(sqlx::Error::RowNotFound.into()),
         }
     }
