@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::metrics::Metrics;
-use crate::outbox::{Batch, EventOutbox};
+use crate::outbox::{ACK_RECORD_INTERVAL, Batch, EventOutbox};
 
 /// Events per POST: enough to catch up quickly after an outage, small enough for one request.
 const BATCH_EVENTS: usize = 100;
@@ -72,6 +72,17 @@ enum AttemptError {
     },
 }
 
+/// Writes the outbox's acknowledged offset to disk if it is behind (off the async threads).
+pub async fn record_acks(outbox: Arc<EventOutbox>) {
+    match tokio::task::spawn_blocking(move || outbox.record_acks()).await {
+        Ok(Ok(())) => {}
+        // Still acknowledged in memory; after a crash before the next write those events
+        // would be delivered again, and the gateway de-duplicates them by id.
+        Ok(Err(e)) => tracing::error!(error = %e, "outbox: cannot record the acknowledgement"),
+        Err(e) => tracing::error!(error = %e, "outbox: ack task failed"),
+    }
+}
+
 /// An error with its causes ("error sending request: connection refused").
 fn chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
@@ -105,28 +116,31 @@ impl Delivery {
             if shutdown.is_cancelled() {
                 return;
             }
-            let outbox = self.outbox.clone();
-            let limit = batch_limit;
-            let peeked = tokio::task::spawn_blocking(move || outbox.peek(limit, BATCH_BYTES)).await;
-            let batch = match peeked {
-                Ok(Ok(Some(b))) => b,
-                Ok(Ok(None)) => {
+            // A read of what was just written (the page cache): on this thread, not worth a
+            // hand-off to the blocking pool per batch.
+            let batch = match self.outbox.peek(batch_limit, BATCH_BYTES) {
+                Ok(Some(b)) => b,
+                Ok(None) => {
+                    // Nothing to deliver. An acknowledgement not on disk yet is written once no
+                    // new events came for a while, so a quiet pod's record is current.
+                    let unrecorded = self.outbox.ack_unrecorded();
                     tokio::select! {
                         () = self.wake.notified() => continue,
                         () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(ACK_RECORD_INTERVAL), if unrecorded => {
+                            let outbox = self.outbox.clone();
+                            record_acks(outbox).await;
+                            continue;
+                        }
                     }
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::error!(error = %e, "outbox: cannot read pending events");
                     failures += 1;
                     if !self.pause(failures, &shutdown).await {
                         return;
                     }
                     continue;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "outbox: reader task failed");
-                    return;
                 }
             };
             let attempt = self
@@ -140,21 +154,12 @@ impl Delivery {
                 Ok(()) => {
                     failures = 0;
                     batch_limit = BATCH_EVENTS;
-                    let outbox = self.outbox.clone();
-                    let count = batch.count;
-                    match tokio::task::spawn_blocking(move || outbox.ack(&batch)).await {
-                        Ok(Ok(())) => {
-                            self.metrics
-                                .events_delivered
-                                .fetch_add(count as u64, std::sync::atomic::Ordering::Relaxed);
-                            tracing::debug!(events = count, "events delivered");
-                        }
-                        Ok(Err(e)) => {
-                            // Delivered but not recorded: they will be delivered again, and the
-                            // gateway de-duplicates them by id.
-                            tracing::error!(error = %e, "outbox: cannot record the acknowledgement");
-                        }
-                        Err(e) => tracing::error!(error = %e, "outbox: ack task failed"),
+                    self.metrics
+                        .events_delivered
+                        .fetch_add(batch.count as u64, std::sync::atomic::Ordering::Relaxed);
+                    tracing::debug!(events = batch.count, "events delivered");
+                    if self.outbox.ack(&batch) {
+                        record_acks(self.outbox.clone()).await;
                     }
                 }
                 Err(e) => {

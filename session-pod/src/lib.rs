@@ -220,6 +220,9 @@ async fn serve(config: Config, stop: CancellationToken) -> anyhow::Result<()> {
                 wake,
                 metrics,
             };
+            tokio::spawn(
+                outbox::sync_undelivered(outbox.clone(), delivery_stop.clone()).in_current_span(),
+            );
             Some(tokio::spawn(d.run(delivery_stop.clone()).in_current_span()))
         }
         _ => None,
@@ -279,6 +282,14 @@ async fn serve(config: Config, stop: CancellationToken) -> anyhow::Result<()> {
         }
         delivery_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_millis(200), delivery).await;
+    }
+    if let Some(outbox) = outbox {
+        // Syncs and acknowledgements are lazy; a clean stop leaves everything on disk.
+        match tokio::task::spawn_blocking(move || outbox.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "outbox: cannot flush at stop"),
+            Err(e) => tracing::error!(error = %e, "outbox: flush task failed"),
+        }
     }
     tracing::info!(
         pending_events = session.outbox_pending(),

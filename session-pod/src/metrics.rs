@@ -77,6 +77,7 @@ pub struct Gauges {
     pub resident_memory_bytes: Option<u64>,
     pub outbox_events: usize,
     pub outbox_dropped: u64,
+    pub outbox_syncs: u64,
     pub send_queue: usize,
     pub start_time_seconds: f64,
 }
@@ -203,6 +204,14 @@ impl Metrics {
         );
         emit(
             header(
+                "wa_session_outbox_syncs_total",
+                "counter",
+                "fsyncs of the event outbox's files (undelivered events, the acknowledged offset).",
+            ),
+            vec![format!("wa_session_outbox_syncs_total {}", g.outbox_syncs)],
+        );
+        emit(
+            header(
                 "wa_session_events_delivered_total",
                 "counter",
                 "Events the gateway acknowledged.",
@@ -318,6 +327,7 @@ mod tests {
             resident_memory_bytes: Some(4096),
             outbox_events: 3,
             outbox_dropped: 0,
+            outbox_syncs: 0,
             send_queue: 0,
             start_time_seconds: 1.5,
         }

@@ -1,6 +1,7 @@
 //! The event outbox through the real binary: at-least-once delivery that survives restarts
-//! and crashes while the gateway is down, no replay of acknowledged events, and a SIGTERM
-//! that stops within 5 s and keeps what was not delivered.
+//! and crashes while the gateway is down, no replay of acknowledged events (after a clean stop,
+//! and after a crash once the pod was quiet for a second), and a SIGTERM that stops within 5 s
+//! and keeps what was not delivered.
 
 mod common;
 
@@ -29,6 +30,10 @@ fn count_receipts(events: &[PodEvent], status: MessageStatus) -> usize {
 }
 
 async fn outbox_gauge(pod: &Pod) -> u64 {
+    counter(pod, "wa_session_outbox_events").await
+}
+
+async fn counter(pod: &Pod, name: &str) -> u64 {
     let text = pod
         .get("/metrics")
         .send()
@@ -38,9 +43,9 @@ async fn outbox_gauge(pod: &Pod) -> u64 {
         .await
         .unwrap();
     text.lines()
-        .find_map(|l| l.strip_prefix("wa_session_outbox_events "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.parse().ok())
-        .expect("wa_session_outbox_events")
+        .unwrap_or_else(|| panic!("{name}"))
 }
 
 #[tokio::test]
@@ -60,6 +65,9 @@ async fn events_survive_restarts_while_the_gateway_is_down_and_arrive_once_it_is
         assert!(Instant::now() < deadline, "events not in the outbox");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Nobody took them: they were synced to disk, not just written.
+    assert!(counter(&pod, "wa_session_outbox_syncs_total").await >= 1);
 
     // A graceful restart, then a crash: still nothing delivered, nothing lost.
     let mut pod = pod.restart().await;
@@ -146,19 +154,7 @@ async fn acknowledged_events_are_not_replayed_and_refused_ones_are_retried() {
     assert_eq!(code, StatusCode::OK, "{body}");
     tokio::time::sleep(Duration::from_millis(800)).await;
     assert!(outbox_gauge(&pod).await >= 1);
-    let text = pod
-        .get("/metrics")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let failures: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("wa_session_event_delivery_failures_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
+    let failures = counter(&pod, "wa_session_event_delivery_failures_total").await;
     assert!(failures >= 2, "retried: {failures}");
     sink.set_failing(false);
     let events = sink
@@ -188,6 +184,52 @@ async fn acknowledged_events_are_not_replayed_and_refused_ones_are_retried() {
     assert_eq!(
         phases(&events[delivered..]),
         [Phase::Starting, Phase::Connected]
+    );
+}
+
+#[tokio::test]
+async fn a_quiet_pod_writes_its_acknowledgements_so_a_crash_replays_nothing() {
+    // Acknowledgements reach the disk lazily (at most once a second while batches keep
+    // coming); a pod with nothing left to deliver writes the last one within about a second.
+    let sink = EventSink::start().await;
+    let mut pod = Pod::start(PodOptions::sandbox().events_url(&sink.url)).await;
+    pod.pair().await;
+    let (code, body) = pod.send_text("+15551234567", "then quiet").await;
+    assert_eq!(code, StatusCode::OK, "{body}");
+    sink.wait_for("read receipt", Duration::from_secs(5), |ev| {
+        count_receipts(ev, MessageStatus::Read) >= 1
+    })
+    .await;
+    // The gateway took every event at once: none needed an fdatasync (the acknowledged offset
+    // is written, with the events before it, about once a second).
+    let outbox = pod.data_dir.join("outbox");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let written = std::fs::metadata(outbox.join("events-0.jsonl")).unwrap().len();
+        let acked = std::fs::read_to_string(outbox.join("acked")).unwrap_or_default();
+        if acked.trim() == format!("0 {written}") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acknowledgement not written while idle: acked {acked:?}, outbox {written} bytes"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A crash now: nothing the gateway acknowledged comes again.
+    let delivered = sink.events().len();
+    pod.kill();
+    let _pod = Pod::start(pod.opts.clone().data_dir(&pod.data_dir.clone())).await;
+    let events = sink
+        .wait_for("Connected after the crash", Duration::from_secs(5), |ev| {
+            ev.len() > delivered && phases(&ev[delivered..]).contains(&Phase::Connected)
+        })
+        .await;
+    assert!(
+        duplicate_ids(&events).is_empty(),
+        "replayed: {:?}",
+        duplicate_ids(&events)
     );
 }
 

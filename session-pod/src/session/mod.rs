@@ -377,6 +377,7 @@ impl Session {
             resident_memory_bytes: crate::metrics::resident_memory_bytes(),
             outbox_events: self.outbox.as_ref().map_or(0, |o| o.pending()),
             outbox_dropped: self.outbox.as_ref().map_or(0, |o| o.dropped()),
+            outbox_syncs: self.outbox.as_ref().map_or(0, |o| o.syncs()),
             send_queue: self.send_tx.max_capacity() - self.send_tx.capacity(),
             start_time_seconds: self.started_at,
         }
@@ -462,7 +463,7 @@ impl Session {
             }
             changed.then(|| core.status().clone())
         };
-        // Durable first, then visible: a status the operator saw has its event on disk.
+        // Written first, then visible: a status the operator saw has its event in the outbox.
         self.append_events(bodies).await;
         if let Some(s) = new_status {
             self.status_tx.send_replace(s);
@@ -485,14 +486,13 @@ impl Session {
                 body,
             })
             .collect();
-        let count = events.len();
-        let outbox = outbox.clone();
-        match tokio::task::spawn_blocking(move || outbox.append(&events)).await {
-            Ok(Ok(())) => self.outbox_wake.notify_one(),
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, lost = count, "outbox: cannot append events; they are lost")
+        // A write to the page cache (the sync comes later, if at all: `outbox` module): on this
+        // thread, not worth a hand-off to the blocking pool per batch.
+        match outbox.append(&events) {
+            Ok(()) => self.outbox_wake.notify_one(),
+            Err(e) => {
+                tracing::error!(error = %e, lost = events.len(), "outbox: cannot append events; they are lost")
             }
-            Err(e) => tracing::error!(error = %e, lost = count, "outbox: append task failed"),
         }
     }
 
