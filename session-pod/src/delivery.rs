@@ -128,8 +128,7 @@ impl Delivery {
                         () = self.wake.notified() => continue,
                         () = shutdown.cancelled() => return,
                         () = tokio::time::sleep(ACK_RECORD_INTERVAL), if unrecorded => {
-                            let outbox = self.outbox.clone();
-                            record_acks(outbox).await;
+                            record_acks(self.outbox.clone()).await;
                             continue;
                         }
                     }

@@ -48,6 +48,25 @@ async fn counter(pod: &Pod, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("{name}"))
 }
 
+/// Waits for the next start's `Connected` after the first `delivered` events, and checks that
+/// no event arrived twice; returns everything the sink has.
+async fn connected_again_with_nothing_replayed(
+    sink: &EventSink,
+    delivered: usize,
+) -> Vec<PodEvent> {
+    let events = sink
+        .wait_for("Connected after the restart", Duration::from_secs(5), |ev| {
+            ev.len() > delivered && phases(&ev[delivered..]).contains(&Phase::Connected)
+        })
+        .await;
+    assert!(
+        duplicate_ids(&events).is_empty(),
+        "replayed: {:?}",
+        duplicate_ids(&events)
+    );
+    events
+}
+
 #[tokio::test]
 async fn events_survive_restarts_while_the_gateway_is_down_and_arrive_once_it_is_up() {
     let port = free_port();
@@ -171,16 +190,7 @@ async fn acknowledged_events_are_not_replayed_and_refused_ones_are_retried() {
     let pod = pod.restart().await;
     pod.wait_phase(Phase::Connected, Duration::from_secs(5))
         .await;
-    let events = sink
-        .wait_for("Connected after restart", Duration::from_secs(5), |ev| {
-            ev.len() > delivered && phases(&ev[delivered..]).contains(&Phase::Connected)
-        })
-        .await;
-    assert!(
-        duplicate_ids(&events).is_empty(),
-        "replayed: {:?}",
-        duplicate_ids(&events)
-    );
+    let events = connected_again_with_nothing_replayed(&sink, delivered).await;
     assert_eq!(
         phases(&events[delivered..]),
         [Phase::Starting, Phase::Connected]
@@ -221,16 +231,7 @@ async fn a_quiet_pod_writes_its_acknowledgements_so_a_crash_replays_nothing() {
     let delivered = sink.events().len();
     pod.kill();
     let _pod = Pod::start(pod.opts.clone().data_dir(&pod.data_dir.clone())).await;
-    let events = sink
-        .wait_for("Connected after the crash", Duration::from_secs(5), |ev| {
-            ev.len() > delivered && phases(&ev[delivered..]).contains(&Phase::Connected)
-        })
-        .await;
-    assert!(
-        duplicate_ids(&events).is_empty(),
-        "replayed: {:?}",
-        duplicate_ids(&events)
-    );
+    connected_again_with_nothing_replayed(&sink, delivered).await;
 }
 
 #[tokio::test]
